@@ -1,0 +1,42 @@
+"""The Ray actor that hosts an AgentGroup: the only module under agents/ that imports Ray.
+
+Outgoing predictions are put into the object store by the actor itself, so the driver holds
+only a reference and routes it to the actors that need it: prediction bytes move actor to
+actor and never through the driver process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+
+from agents.agent import AgentSpec, PublicData
+from agents.group import AgentGroup, Bundle
+from agents.messages import EvalCounts
+
+
+class AgentGroupActor:
+    """Plain class (testable without Ray); `RemoteAgentGroup` is its ray.remote form."""
+
+    def __init__(self, specs: Sequence[AgentSpec], public: PublicData, torch_threads: int) -> None:
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.group = AgentGroup(specs, public, device, torch_threads)
+
+    def ready(self) -> dict[str, str]:
+        """Answers once construction finished: where this group landed."""
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "device": str(self.group.device)}
+
+    def run_round(
+        self, round_idx: int, publish: bool, *incoming: Bundle
+    ) -> tuple[dict[int, dict[str, float]], ray.ObjectRef | None]:
+        """Train one round; returns metric numbers and a reference to the outgoing bundle."""
+        metrics, outgoing = self.group.run_round(round_idx, incoming, publish)
+        return metrics, (ray.put(outgoing) if outgoing else None)
+
+    def evaluate(self) -> dict[int, EvalCounts]:
+        return self.group.evaluate()
+
+
+RemoteAgentGroup = ray.remote(AgentGroupActor)

@@ -1,0 +1,244 @@
+"""One agent: private shard, multi-head model, optimizer, RNG, and the MHD training step.
+
+Pure PyTorch (no Ray): the same class is stepped by the serial backend, by a Ray actor, and
+by a plain loop in tests and benchmarks. What leaves it is a `Prediction`, `EvalCounts` or a
+dict of metric numbers — never a parameter, gradient or private sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from agents.losses import DistillConfig, TeacherChoice, choose_teacher, distillation_kl
+from agents.messages import MESSAGE_DTYPES, EvalCounts, Prediction
+from agents.model import ModelConfig, MultiHeadModel, head_names
+from agents.public import public_batch_indices
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int  # optimizer steps per round
+    batch_size: int  # private samples per step
+    distill_batch_size: int  # public samples per step, drawn from the round's public batch
+    eval_batch_size: int  # test samples per forward pass (memory only, not results)
+    optimizer: dict[str, Any] = field(hash=False)  # {_target_: torch.optim.X, lr: ..., ...}
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Everything one agent is built from; the shard is sent only to the actor hosting it."""
+
+    agent_id: int
+    seed: int  # this agent's stream, derived from the root seed
+    in_neighbours: tuple[int, ...]  # senders whose predictions this agent distils from
+    private_x: np.ndarray  # [n, C, H, W] float32
+    private_y: np.ndarray  # [n] int64
+    model: ModelConfig
+    train: TrainConfig
+    distill: DistillConfig | None  # None: the agent never distils (isolated, central)
+    message_dtype: str  # key of MESSAGE_DTYPES for outgoing predictions
+
+
+@dataclass(frozen=True)
+class PublicData:
+    """Data every agent in a process shares: the unlabelled public set and the test set."""
+
+    public_x: np.ndarray  # [P_total, C, H, W] float32, no labels
+    public_batch_size: int  # samples per round's public batch
+    schedule_seed: int  # root seed of the public-batch schedule
+    test_x: np.ndarray  # [N_test, C, H, W] float32
+    test_y: np.ndarray  # [N_test] int64
+
+
+@dataclass
+class RoundTargets:
+    """Distillation targets for one round's public batch, one per student head."""
+
+    heads: list[TeacherChoice | None]  # None: no candidate teacher for that head
+    embedding: torch.Tensor | None  # [P, D] target for P_i(e_i(u)), or None
+
+
+class Agent:
+    """An MHD agent; see DESIGN.md §2 for the loss it minimises."""
+
+    def __init__(self, spec: AgentSpec, public: PublicData, device: torch.device) -> None:
+        self.agent_id = spec.agent_id
+        self.in_neighbours = spec.in_neighbours
+        self.spec = spec
+        self.public = public
+        self.device = device
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            self.model = MultiHeadModel(spec.model).to(device)
+        self.optimizer: torch.optim.Optimizer = instantiate(spec.train.optimizer, params=self.model.parameters())
+        self.private_x = torch.tensor(spec.private_x, device=device)  # own copy: specs may be read-only
+        self.private_y = torch.tensor(spec.private_y, device=device)
+        self.public_x = torch.from_numpy(public.public_x).to(device)  # shared by the group's agents
+        self._order = torch.randperm(len(self.private_y), generator=self.generator)
+        self._cursor = 0
+        self._published: dict[int, Prediction] = {}  # own last prediction, for include_self
+        self.heads = head_names(self.model.num_heads)
+
+    # ---- training -------------------------------------------------------------------------
+
+    def train_round(self, round_idx: int, inbox: Sequence[Prediction]) -> dict[str, float]:
+        """`local_steps` optimizer steps on private data plus distillation from the inbox.
+
+        The inbox holds in-neighbours' predictions on public batch `round_idx`, made at the end
+        of the previous round (one round stale). Returns the mean of every loss term.
+        """
+        targets = self._round_targets(round_idx, inbox)
+        public_batch = self.public_x[self._public_indices(round_idx)] if targets else None
+        sums: dict[str, float] = {}
+        self.model.train()
+        for _ in range(self.spec.train.local_steps):
+            terms = self._train_step(public_batch, targets)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        return {name: total / self.spec.train.local_steps for name, total in sums.items()}
+
+    def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets | None) -> dict[str, torch.Tensor]:
+        x, y = self._next_private_batch()
+        pick = None
+        if public_batch is not None:
+            pick = torch.randperm(len(public_batch), generator=self.generator)[: self.spec.train.distill_batch_size]
+            pick = pick.to(self.device)
+            x = torch.cat([x, public_batch[pick]])
+        logits, embedding = self.model(x)  # [heads, B + b, C], [B + b, D]
+        n_private = len(y)
+        terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
+        if targets is not None and pick is not None:
+            terms.update(self._distillation_terms(logits[:, n_private:], embedding[n_private:], targets, pick))
+        weights = self._term_weights()
+        total = sum(weights[name] * value for name, value in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        terms["loss/total"] = total
+        return terms
+
+    def _distillation_terms(
+        self, student: torch.Tensor, embedding: torch.Tensor, targets: RoundTargets, pick: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        distill = self.spec.distill
+        assert distill is not None
+        terms: dict[str, torch.Tensor] = {}
+        for head, choice in enumerate(targets.heads):
+            if choice is not None:
+                name = "loss/kl_main" if head == 0 else f"loss/kl_{self.heads[head]}"
+                terms[name] = distillation_kl(student[head], choice.probs[pick], distill.temperature)
+        if targets.embedding is not None:
+            diff = self.model.project(embedding) - targets.embedding[pick]
+            terms["loss/emb"] = diff.pow(2).sum(dim=-1).mean()
+        return terms
+
+    def _term_weights(self) -> dict[str, float]:
+        distill = self.spec.distill
+        weights = {"loss/ce": 1.0}
+        if distill is not None:
+            weights["loss/kl_main"] = distill.nu_main
+            weights.update({f"loss/kl_{name}": distill.nu_aux for name in self.heads[1:]})
+            weights["loss/emb"] = distill.nu_emb
+        return weights
+
+    def _next_private_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next private minibatch, reshuffling after every pass over the shard (epochs)."""
+        size = min(self.spec.train.batch_size, len(self._order))
+        if self._cursor + size > len(self._order):
+            self._order = torch.randperm(len(self._order), generator=self.generator)
+            self._cursor = 0
+        index = self._order[self._cursor : self._cursor + size].to(self.device)
+        self._cursor += size
+        return self.private_x[index], self.private_y[index]
+
+    def _round_targets(self, round_idx: int, inbox: Sequence[Prediction]) -> RoundTargets | None:
+        """Per-head teachers for this round: head 0 from heads 0, head k from heads k-1."""
+        distill = self.spec.distill
+        if distill is None:
+            return None
+        candidates = [message for message in inbox if message.batch_id == round_idx]
+        if distill.include_self and round_idx in self._published:
+            candidates.append(self._published[round_idx])
+        if not candidates:
+            return None
+        heads: list[TeacherChoice | None] = []
+        for head in range(self.model.num_heads):
+            source_head = max(head - 1, 0)
+            usable = [m.logits[source_head] for m in candidates if m.num_heads > source_head]
+            if not usable:
+                heads.append(None)
+                continue
+            stacked = torch.from_numpy(np.stack(usable)).to(self.device)  # [N, P, C]
+            heads.append(choose_teacher(stacked, distill.temperature, distill.teacher_rule, self.generator))
+        return RoundTargets(heads, self._embedding_target(candidates, heads[0]))
+
+    def _embedding_target(self, candidates: list[Prediction], main: TeacherChoice | None) -> torch.Tensor | None:
+        """E(u): the main-head teacher's embedding per sample (the mean under the mean rule)."""
+        distill = self.spec.distill
+        if distill is None or distill.nu_emb == 0 or main is None:
+            return None
+        with_embedding = [m.embeddings for m in candidates if m.embeddings is not None]
+        if len(with_embedding) != len(candidates):
+            return None
+        stacked = torch.from_numpy(np.stack(with_embedding)).float().to(self.device)  # [N, P, D]
+        if bool((main.source < 0).all()):
+            return stacked.mean(dim=0)
+        return stacked[main.source.to(self.device), torch.arange(stacked.shape[1], device=self.device)]
+
+    # ---- what leaves the agent --------------------------------------------------------------
+
+    def predict(self, batch_id: int) -> Prediction:
+        """Logits of every head (and, when embedding distillation is on, P_i(e)) on a public batch."""
+        self.model.eval()
+        with torch.inference_mode():
+            logits, embedding = self.model(self.public_x[self._public_indices(batch_id)])
+        dtype = MESSAGE_DTYPES[self.spec.message_dtype]
+        embeddings = None
+        if self.spec.distill is not None and self.spec.distill.nu_emb > 0:
+            with torch.inference_mode():
+                embeddings = self.model.project(embedding).cpu().numpy().astype(dtype)
+        message = Prediction(self.agent_id, batch_id, logits.cpu().numpy().astype(dtype), embeddings)
+        self._published = {batch_id: message}
+        return message
+
+    def evaluate(self) -> EvalCounts:
+        """Per-head, per-class correct counts on the global test set."""
+        num_classes = self.model.num_classes
+        correct = np.zeros((self.model.num_heads, num_classes), dtype=np.int64)
+        test_x, test_y = self.public.test_x, self.public.test_y
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(test_y), self.spec.train.eval_batch_size):
+                x = torch.from_numpy(test_x[start : start + self.spec.train.eval_batch_size]).to(self.device)
+                y = test_y[start : start + self.spec.train.eval_batch_size]
+                predicted = self.model(x)[0].argmax(dim=-1).cpu().numpy()  # [heads, b]
+                for head in range(self.model.num_heads):
+                    hits = y[predicted[head] == y]
+                    correct[head] += np.bincount(hits, minlength=num_classes)
+        seen = np.bincount(test_y, minlength=num_classes).astype(np.int64)
+        return EvalCounts(correct, seen)
+
+    def _public_indices(self, batch_id: int) -> torch.Tensor:
+        indices = public_batch_indices(
+            self.public.schedule_seed, batch_id, len(self.public.public_x), self.public.public_batch_size
+        )
+        return torch.from_numpy(indices).to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Full resumable state; written only to the agent's own checkpoint storage."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "order": self._order,
+            "cursor": self._cursor,
+            "published": self._published,
+        }

@@ -1,0 +1,63 @@
+"""A group of agents stepped in turn inside one process (an actor, or the driver itself).
+
+Agents stay resident for the whole run: each keeps its model, optimizer, RNG and shard, so a
+round ships only a round number in and predictions plus metric numbers out. Grouping never
+changes results: every agent draws from its own seeded stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from agents.agent import Agent, AgentSpec, PublicData
+from agents.messages import EvalCounts, Prediction, check_metrics
+
+Bundle = Mapping[int, Prediction]  # sender id -> its prediction on one public batch
+
+
+class AgentGroup:
+    """Hosts several agents; the unit a backend places on a worker process."""
+
+    def __init__(self, specs: Sequence[AgentSpec], public: PublicData, device: str, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        self.device = torch.device(device)
+        # One writable copy per process, shared by every agent here (arrays that arrive through
+        # Ray's object store are read-only views).
+        public = replace(public, public_x=np.array(public.public_x), test_x=np.array(public.test_x))
+        self.agents = {spec.agent_id: Agent(spec, public, self.device) for spec in specs}
+
+    def run_round(
+        self, round_idx: int, incoming: Iterable[Bundle], publish: bool
+    ) -> tuple[dict[int, dict[str, float]], dict[int, Prediction]]:
+        """Train every agent on round `round_idx`, then predict on the next public batch.
+
+        Args:
+            round_idx: the round being trained; its public batch is `round_idx`.
+            incoming: bundles of predictions on batch `round_idx` from the groups that host
+                in-neighbours of this group's agents (may contain other senders too).
+            publish: whether to predict on batch `round_idx + 1` (False when nobody listens).
+
+        Returns:
+            (metrics per agent id, outgoing predictions per agent id).
+        """
+        by_sender: dict[int, Prediction] = {}
+        for bundle in incoming:
+            by_sender.update(bundle)
+        metrics: dict[int, dict[str, float]] = {}
+        for agent_id, agent in self.agents.items():
+            inbox = [by_sender[sender] for sender in agent.in_neighbours if sender in by_sender]
+            metrics[agent_id] = check_metrics(agent.train_round(round_idx, inbox))
+        outgoing: dict[int, Prediction] = {}
+        if publish:
+            for agent_id, agent in self.agents.items():
+                outgoing[agent_id] = agent.predict(round_idx + 1)
+                metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
+        return metrics, outgoing
+
+    def evaluate(self) -> dict[int, EvalCounts]:
+        """Test-set counts per agent id."""
+        return {agent_id: agent.evaluate() for agent_id, agent in self.agents.items()}

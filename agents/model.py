@@ -1,0 +1,60 @@
+"""The multi-head model: backbone -> embedding -> 1 main head + H auxiliary heads.
+
+All heads read the same embedding, so they are stored as one linear layer producing
+`heads * classes` outputs: one matmul serves every head (cheaper than H+1 small ones), and
+the result is viewed as [heads, batch, classes].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from agents.backbones import build_backbone
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str  # registry name in agents.backbones
+    backbone_params: dict[str, Any] = field(hash=False)  # builder kwargs from conf/backbone
+    input_shape: tuple[int, int, int]  # (C, H, W) of one image
+    num_classes: int  # logits per head
+    aux_heads: int  # H; 0 is the single-head ablation
+    embedding_projection: int | None = None  # width of P_i for embedding distillation; None: off
+
+
+def head_names(num_heads: int) -> list[str]:
+    """Names used in metrics and summaries: main, aux1, aux2, ..."""
+    return ["main"] + [f"aux{k}" for k in range(1, num_heads)]
+
+
+class MultiHeadModel(nn.Module):
+    """Backbone plus 1 + H linear heads and an optional embedding projection P_i."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = 1 + config.aux_heads
+        self.num_classes = config.num_classes
+        self.backbone = build_backbone(config.backbone, config.input_shape, **config.backbone_params)
+        width = int(self.backbone.num_features)
+        self.heads = nn.Linear(width, self.num_heads * config.num_classes)
+        self.projection: nn.Module | None = None
+        if config.embedding_projection is not None:
+            same_width = config.embedding_projection == width
+            self.projection = nn.Identity() if same_width else nn.Linear(width, config.embedding_projection)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits [heads, B, classes], embedding [B, features])."""
+        embedding = self.backbone(x)  # [B, D]
+        logits = self.heads(embedding)  # [B, heads * classes]
+        logits = logits.view(-1, self.num_heads, self.num_classes).transpose(0, 1)  # [heads, B, C]
+        return logits, embedding
+
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        """P_i(e): the embedding in the shared width used for embedding distillation."""
+        if self.projection is None:
+            raise RuntimeError("embedding distillation is off: no projection was built")
+        return self.projection(embedding)

@@ -1,0 +1,1 @@
+"""mhd-sim's Hydra config tree; a package so that it ships inside the wheel."""

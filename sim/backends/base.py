@@ -1,0 +1,51 @@
+"""The engine boundary: the round loop talks only to this small interface.
+
+Ray appears only in `ray_backend.py`; the serial backend runs the very same AgentGroup code in
+the driver process (debugging, unit tests, the raw baseline of benchmarks).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agents.agent import AgentSpec, PublicData
+from agents.messages import EvalCounts
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One worker's share of the population and whose predictions it needs."""
+
+    specs: list[AgentSpec]  # the agents this worker hosts (each with its own shard)
+    sources: list[int]  # indices of the groups whose bundles carry this group's in-neighbours
+    publishes: bool  # whether any agent here has an out-neighbour
+
+
+class Backend(ABC):
+    """Hosts agent groups and moves predictions between them, one synchronous round at a time."""
+
+    @abstractmethod
+    def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
+        """Create the workers; returns when every agent is resident and ready."""
+
+    @abstractmethod
+    def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
+        """Train every agent on round `round_idx`; metrics per agent id.
+
+        Predictions published in round r are delivered to the in-neighbours in round r + 1.
+        `publish=False` skips predicting (the last round, or a method without messages).
+        """
+
+    @abstractmethod
+    def evaluate(self) -> dict[int, EvalCounts]:
+        """Test-set counts per agent id."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Release workers; safe to call twice or after a failed start."""
+
+    def describe(self) -> dict[str, object]:
+        """Facts about where agents run, for the summary."""
+        return {}

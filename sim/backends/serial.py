@@ -1,0 +1,50 @@
+"""Runs every agent group in the driver process, one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agents.agent import PublicData
+from agents.group import AgentGroup, Bundle
+from agents.messages import EvalCounts
+from sim.backends.base import Backend, GroupPlan
+
+
+class SerialBackend(Backend):
+    """Same groups and routing as the Ray backend, without processes or an object store."""
+
+    def __init__(self, torch_threads: int, device: str) -> None:
+        self.torch_threads = torch_threads
+        self.device = device
+        self.groups: list[AgentGroup] = []
+        self.plans: list[GroupPlan] = []
+        self.bundles: list[Bundle] = []
+
+    def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
+        self.plans = list(plans)
+        self.groups = [AgentGroup(plan.specs, public, self.device, self.torch_threads) for plan in self.plans]
+        self.bundles = [{} for _ in self.plans]
+
+    def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
+        metrics: dict[int, dict[str, float]] = {}
+        outgoing: list[Bundle] = []
+        for group, plan in zip(self.groups, self.plans, strict=True):
+            incoming = [self.bundles[source] for source in plan.sources]
+            group_metrics, bundle = group.run_round(round_idx, incoming, publish and plan.publishes)
+            metrics.update(group_metrics)
+            outgoing.append(bundle)
+        self.bundles = outgoing
+        return metrics
+
+    def evaluate(self) -> dict[int, EvalCounts]:
+        counts: dict[int, EvalCounts] = {}
+        for group in self.groups:
+            counts.update(group.evaluate())
+        return counts
+
+    def shutdown(self) -> None:
+        self.groups = []
+        self.bundles = []
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": "serial", "workers": len(self.groups), "torch_threads": self.torch_threads}

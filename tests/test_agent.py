@@ -1,0 +1,60 @@
+"""The Agent in a plain loop (no Ray): it learns, distils, and publishes only predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agents.agent import Agent
+from agents.messages import Prediction
+from sim.experiment import build_experiment
+from tests.conftest import TINY, make_config
+
+
+def _agent(*overrides: str, agent_id: int = 0) -> Agent:
+    experiment = build_experiment(make_config(*TINY, *overrides))
+    return Agent(experiment.specs[agent_id], experiment.public, torch.device("cpu"))
+
+
+def test_an_isolated_agent_learns_its_own_classes_on_digits() -> None:
+    agent = _agent("method=isolated", "train.local_steps=20")
+    dominant = np.argsort(np.bincount(agent.spec.private_y, minlength=10))[-2:]
+
+    def dominant_accuracy() -> float:
+        counts = agent.evaluate()
+        return float(counts.correct[0, dominant].sum() / counts.seen[dominant].sum())
+
+    before = dominant_accuracy()
+    for round_idx in range(5):
+        agent.train_round(round_idx, [])
+    after = dominant_accuracy()
+    assert after > 0.9 > before + 0.3
+
+
+def test_distillation_pulls_every_head_towards_its_teacher() -> None:
+    agent = _agent("method.nu_main=5", "method.nu_aux=5")
+    teacher = _agent("method.nu_main=5", "method.nu_aux=5", agent_id=1)
+    for round_idx in range(5):  # a teacher with opinions of its own classes
+        teacher.train_round(round_idx, [])
+    message = teacher.predict(0)
+    before = agent.train_round(0, [message])
+    for _ in range(10):
+        after = agent.train_round(0, [message])
+    assert set(before) >= {"loss/ce", "loss/kl_main", "loss/kl_aux1", "loss/kl_aux2", "loss/kl_aux3", "loss/total"}
+    assert after["loss/kl_main"] < before["loss/kl_main"] / 2
+
+
+def test_predictions_cover_every_head_on_the_public_batch() -> None:
+    agent = _agent()
+    message = agent.predict(5)
+    assert isinstance(message, Prediction)
+    assert message.logits.shape == (4, agent.public.public_batch_size, 10)
+    assert message.logits.dtype == np.float16
+    assert message.batch_id == 5 and message.sender == 0
+
+
+def test_an_agent_is_reproducible_from_its_spec() -> None:
+    first, second = _agent(), _agent()
+    for agent in (first, second):
+        agent.train_round(0, [])
+    assert np.array_equal(first.predict(1).logits, second.predict(1).logits)
