@@ -7,6 +7,7 @@ dict of metric numbers — never a parameter, gradient or private sample.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,10 @@ class RoundTargets:
     embedding: torch.Tensor | None  # [P, D] target for P_i(e_i(u)), or None
 
 
+class TrainingDivergedError(RuntimeError):
+    """A loss or an outgoing logit became non-finite: the run would only produce noise."""
+
+
 class Agent:
     """An MHD agent; see DESIGN.md §2 for the loss it minimises."""
 
@@ -103,6 +108,11 @@ class Agent:
             terms = self._train_step(public_batch, targets)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
+        if not math.isfinite(sums["loss/total"]):
+            raise TrainingDivergedError(
+                f"agent {self.agent_id} diverged in round {round_idx} (loss/total={sums['loss/total']}); "
+                f"lower train.optimizer.lr (now {self.spec.train.optimizer.get('lr')})"
+            )
         return {name: total / self.spec.train.local_steps for name, total in sums.items()}
 
     def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets | None) -> dict[str, torch.Tensor]:
@@ -205,7 +215,10 @@ class Agent:
         if self.spec.distill is not None and self.spec.distill.nu_emb > 0:
             with torch.inference_mode():
                 embeddings = self.model.project(embedding).cpu().numpy().astype(dtype)
-        message = Prediction(self.agent_id, batch_id, logits.cpu().numpy().astype(dtype), embeddings)
+        payload = logits.cpu().numpy().astype(dtype)
+        if not np.isfinite(payload).all():
+            raise TrainingDivergedError(f"agent {self.agent_id}'s logits do not fit {dtype} (round {batch_id - 1})")
+        message = Prediction(self.agent_id, batch_id, payload, embeddings)
         self._published = {batch_id: message}
         return message
 

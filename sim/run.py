@@ -39,12 +39,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             sink.start(config, experiment.rounds)
         return run_rounds(experiment, backend, plans, sinks, run_dir)
     except BaseException as error:
-        write_json(run_dir / "summary.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        write_json(run_dir / "summary.json", {"status": "failed", "error": describe_error(error)})
         raise
     finally:
         for sink in sinks:
             sink.close()
         backend.shutdown()
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming the original error (Ray wraps actor errors in a RayTaskError)."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _check_names(cfg: DictConfig) -> None:
