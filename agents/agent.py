@@ -128,7 +128,7 @@ class Agent:
         if targets is not None and pick is not None:
             terms.update(self._distillation_terms(logits[:, n_private:], embedding[n_private:], targets, pick))
         weights = self._term_weights()
-        total = sum(weights[name] * value for name, value in terms.items())
+        total = torch.stack([weights[name] * value for name, value in terms.items()]).sum()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()

@@ -28,8 +28,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     experiment = build_experiment(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     backend, groups = create_backend(experiment.runtime, experiment.num_agents)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
+    config = {str(key): value for key, value in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
     try:
         plans = group_plans(experiment, groups)

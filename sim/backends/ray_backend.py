@@ -8,6 +8,7 @@ finish in time raises a named error instead of hanging.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -101,9 +102,9 @@ def connect_ray(runtime: RuntimeConfig) -> bool:
     if runtime.address is None:
         # Keeps a single-node Ray on 127.0.0.1 instead of the machine's public address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
-        ray.init(address=runtime.address, logging_level="WARNING")
+        ray.init(address=runtime.address, logging_level=logging.WARNING)
     return True
 
 
