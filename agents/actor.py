@@ -7,6 +7,7 @@ actor and never through the driver process.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import ray
@@ -26,7 +27,7 @@ class AgentGroupActor:
     def ready(self) -> dict[str, str]:
         """Answers once construction finished: where this group landed."""
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(), "device": str(self.group.device)}
+        return {"node_id": context.get_node_id(), "device": str(self.group.device), "pid": str(os.getpid())}
 
     def run_round(
         self, round_idx: int, publish: bool, *incoming: Bundle
@@ -37,6 +38,15 @@ class AgentGroupActor:
 
     def evaluate(self) -> dict[int, EvalCounts]:
         return self.group.evaluate()
+
+    def save(self, directory: str) -> None:
+        """Agents write their own state to the run directory (never through the driver)."""
+        self.group.save(directory)
+
+    def restore(self, directory: str) -> ray.ObjectRef | None:
+        """Load agent states; returns a reference to the predictions they had in flight."""
+        bundle = self.group.restore(directory)
+        return ray.put(bundle) if bundle else None
 
 
 RemoteAgentGroup = ray.remote(AgentGroupActor)

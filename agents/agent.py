@@ -89,7 +89,9 @@ class Agent:
         self.public_x = torch.from_numpy(public.public_x).to(device)  # shared by the group's agents
         self._order = torch.randperm(len(self.private_y), generator=self.generator)
         self._cursor = 0
-        self._published: dict[int, Prediction] = {}  # own last prediction, for include_self
+        # Own latest outgoing message: competes as a teacher under include_self, and is what the
+        # agent re-sends after a restore (its in-flight contribution to its neighbours' inboxes).
+        self.last_published: Prediction | None = None
         self.heads = head_names(self.model.num_heads)
 
     # ---- training -------------------------------------------------------------------------
@@ -175,8 +177,9 @@ class Agent:
         if distill is None:
             return None
         candidates = [message for message in inbox if message.batch_id == round_idx]
-        if distill.include_self and round_idx in self._published:
-            candidates.append(self._published[round_idx])
+        own = self.last_published
+        if distill.include_self and own is not None and own.batch_id == round_idx:
+            candidates.append(own)
         if not candidates:
             return None
         heads: list[TeacherChoice | None] = []
@@ -219,7 +222,7 @@ class Agent:
         if not np.isfinite(payload).all():
             raise TrainingDivergedError(f"agent {self.agent_id}'s logits do not fit {dtype} (round {batch_id - 1})")
         message = Prediction(self.agent_id, batch_id, payload, embeddings)
-        self._published = {batch_id: message}
+        self.last_published = message
         return message
 
     def evaluate(self) -> EvalCounts:
@@ -246,12 +249,40 @@ class Agent:
         return torch.from_numpy(indices).to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        """Full resumable state; written only to the agent's own checkpoint storage."""
+        """Full resumable state (tensors and numbers only, so it loads with weights_only=True).
+
+        Written only to the agent's own checkpoint storage; never sent to another agent.
+        """
+        published = self.last_published
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "order": self._order,
             "cursor": self._cursor,
-            "published": self._published,
+            "published": None
+            if published is None
+            else {
+                "batch_id": published.batch_id,
+                "logits": torch.from_numpy(published.logits.copy()),
+                "embeddings": None if published.embeddings is None else torch.from_numpy(published.embeddings.copy()),
+            },
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore everything `state_dict` saved: training continues bit-identically."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self._order = state["order"]
+        self._cursor = state["cursor"]
+        published = state["published"]
+        self.last_published = None
+        if published is not None:
+            embeddings = published["embeddings"]
+            self.last_published = Prediction(
+                self.agent_id,
+                int(published["batch_id"]),
+                published["logits"].numpy(),
+                None if embeddings is None else embeddings.numpy(),
+            )

@@ -7,8 +7,10 @@ changes results: every agent draws from its own seeded stream.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,3 +63,23 @@ class AgentGroup:
     def evaluate(self) -> dict[int, EvalCounts]:
         """Test-set counts per agent id."""
         return {agent_id: agent.evaluate() for agent_id, agent in self.agents.items()}
+
+    def save(self, directory: str) -> None:
+        """Write every agent's state to `directory/agent_XXXXX.pt` (write-then-rename)."""
+        for agent_id, agent in self.agents.items():
+            path = Path(directory) / agent_state_file(agent_id)
+            partial = path.with_suffix(".partial")
+            torch.save(agent.state_dict(), partial)
+            os.replace(partial, path)
+
+    def restore(self, directory: str) -> dict[int, Prediction]:
+        """Load every agent's state; returns the predictions they had in flight (the bundle)."""
+        for agent_id, agent in self.agents.items():
+            state = torch.load(Path(directory) / agent_state_file(agent_id), weights_only=True)
+            agent.load_state_dict(state)
+        in_flight = {agent_id: agent.last_published for agent_id, agent in self.agents.items()}
+        return {agent_id: message for agent_id, message in in_flight.items() if message is not None}
+
+
+def agent_state_file(agent_id: int) -> str:
+    return f"agent_{agent_id:05d}.pt"

@@ -127,6 +127,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         torch_threads=optional_positive_int("runtime.torch_threads", runtime.torch_threads),
         startup_timeout_s=positive_number("runtime.startup_timeout_s", runtime.startup_timeout_s),
         round_timeout_s=positive_number("runtime.round_timeout_s", runtime.round_timeout_s),
+        max_actor_restarts=non_negative_int("runtime.max_actor_restarts", runtime.max_actor_restarts),
     )
 
 

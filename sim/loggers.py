@@ -28,6 +28,9 @@ class Sink:
 
     def finish(self, summary: dict[str, Any]) -> None: ...
 
+    def rewind(self, next_round: int) -> None:
+        """Forget what was logged after `next_round` rounds (a rollback or a resume)."""
+
     def close(self) -> None: ...
 
 
@@ -35,11 +38,21 @@ class JsonlSink(Sink):
     """metrics.jsonl: one JSON line per evaluation, flushed as it happens."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.file = path.open("a")
 
     def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+    def rewind(self, next_round: int) -> None:
+        """Drop evaluations after round `next_round` (their rounds will be run again)."""
+        self.file.close()
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["round"] <= next_round]
+        partial = self.path.with_suffix(".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(self.path)
+        self.file = self.path.open("a")
 
     def close(self) -> None:
         self.file.close()
@@ -56,8 +69,12 @@ class ConsoleSink(Sink):
         self.bar = tqdm(total=total_rounds, desc="rounds", unit="round", disable=not self.progress, file=sys.stderr)
 
     def log_round(self, round_idx: int, record: dict[str, float]) -> None:
+        self.rewind(round_idx + 1)
+
+    def rewind(self, next_round: int) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.n = next_round
+            self.bar.refresh()
 
     def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
         if self.bar is not None:

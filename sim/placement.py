@@ -27,6 +27,7 @@ class RuntimeConfig:
     torch_threads: int | None  # intra-op threads per process; None: the actor's CPU share
     startup_timeout_s: float  # how long actors may take to start before the run fails
     round_timeout_s: float  # how long one round may take before the run fails
+    max_actor_restarts: int  # times Ray restarts a dead actor before the run fails
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """One simulation from a composed config to a run directory.
 
 Writes, next to Hydra's own files: config.yaml (resolved), partition.csv (class counts per
-agent), graph.edgelist, metrics.jsonl (one line per evaluation) and summary.json.
+agent), graph.edgelist, metrics.jsonl (one line per evaluation), checkpoints/ and
+summary.json. `resume=RUN_DIR` continues a run in its own directory from its newest intact
+checkpoint, with the config it was started with (only `runtime` and `logger` may change:
+where a run continues does not change its results).
 """
 
 from __future__ import annotations
@@ -14,29 +17,42 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from sim.backends import BACKENDS, create_backend
+from sim.checkpoint import Checkpoint, CheckpointStore
 from sim.errors import ConfigError
 from sim.experiment import Experiment, build_experiment
+from sim.interrupt import RunInterrupted
 from sim.loggers import LOGGERS, JsonlSink, Sink
-from sim.simulation import group_plans, run_rounds, write_json
+from sim.simulation import CheckpointPolicy, group_plans, run_rounds, write_json
+from sim.validation import non_negative_int, positive_int
 
 WANDB_MODES = ("online", "offline", "disabled")
+RESUMABLE_GROUPS = ("runtime", "logger")  # may differ between a run and its resumption
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Validate, assemble, run; returns the summary. Bad input raises ConfigError before work."""
+    resume_from: Checkpoint | None = None
+    if cfg.resume is not None:
+        cfg, run_dir, resume_from = resumed_run(cfg)
     _check_names(cfg)
+    policy = CheckpointPolicy(
+        non_negative_int("checkpoint_every", cfg.checkpoint_every),
+        CheckpointStore(run_dir, positive_int("checkpoint_keep", cfg.checkpoint_keep)),
+    )
     experiment = build_experiment(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     backend, groups = create_backend(experiment.runtime, experiment.num_agents)
-    config = {str(key): value for key, value in OmegaConf.to_container(cfg, resolve=True).items()}  # type: ignore[union-attr]
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
     try:
         plans = group_plans(experiment, groups)
-        write_run_files(run_dir, cfg, experiment)
-        sinks += LOGGERS.get(str(cfg.logger.name))(_logger_params(cfg), run_dir)
+        if resume_from is None:
+            write_run_files(run_dir, cfg, experiment)
+        sinks += LOGGERS.get(str(cfg.logger.name))(_plain(cfg.logger), run_dir)
         for sink in sinks:
-            sink.start(config, experiment.rounds)
-        return run_rounds(experiment, backend, plans, sinks, run_dir)
+            sink.start(_plain(cfg), experiment.rounds)
+        return run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
+    except RunInterrupted:
+        raise  # summary.json already says "interrupted" and how to resume
     except BaseException as error:
         write_json(run_dir / "summary.json", {"status": "failed", "error": describe_error(error)})
         raise
@@ -44,6 +60,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for sink in sinks:
             sink.close()
         backend.shutdown()
+
+
+def resumed_run(cfg: DictConfig) -> tuple[DictConfig, Path, Checkpoint]:
+    """The saved config of run `cfg.resume` (with this call's runtime/logger) and its checkpoint."""
+    run_dir = Path(str(cfg.resume))
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError("resume", str(run_dir), "a run directory of mhd-sim (with config.yaml)")
+    saved = OmegaConf.load(saved_path)
+    assert isinstance(saved, DictConfig)
+    for group in RESUMABLE_GROUPS:
+        saved[group] = cfg[group]
+    checkpoint = CheckpointStore(run_dir, 1).latest()
+    if checkpoint is None:
+        raise ConfigError("resume", str(run_dir), "a run directory with an intact checkpoint in checkpoints/")
+    if checkpoint.state.next_round >= saved.rounds:
+        raise ConfigError("resume", str(run_dir), f"an unfinished run (this one finished all {saved.rounds} rounds)")
+    return saved, run_dir, checkpoint
 
 
 def describe_error(error: BaseException) -> str:
@@ -60,10 +94,10 @@ def _check_names(cfg: DictConfig) -> None:
         raise ConfigError("logger.mode", cfg.logger.mode, f"one of {', '.join(WANDB_MODES)}")
 
 
-def _logger_params(cfg: DictConfig) -> dict[str, Any]:
-    params = OmegaConf.to_container(cfg.logger, resolve=True)
-    assert isinstance(params, dict)
-    return {str(key): value for key, value in params.items()}
+def _plain(node: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict)
+    return {str(key): value for key, value in container.items()}
 
 
 def write_run_files(run_dir: Path, cfg: DictConfig, experiment: Experiment) -> None:

@@ -1,23 +1,40 @@
 """The round loop: numbered steps over a Backend, never touching Ray or payloads.
 
-1. place agents on workers and start them (resident for the whole run)
-2. for each round: train + publish on the backend; record losses, bytes, time
-3. every eval_every rounds (and after the last): evaluate, compute per-head accuracy
-4. write summary.json; the sinks print the table / finish the wandb run
+    1. place agents on workers and start them (resident for the whole run); on resume,
+       restore them from a checkpoint, else write the round-0 checkpoint
+    2. for each round: train + publish on the backend; record losses, bytes, time
+    3. every eval_every rounds (and after the last): evaluate, compute per-head accuracy
+    4. every checkpoint_every rounds, or on SIGINT/SIGTERM: checkpoint (then stop on a signal)
+    5. a worker died: roll the whole population back to the last checkpoint and replay
+    6. write summary.json; the sinks print the table / finish the wandb run
+
+Rolling everyone back (rather than replaying only the lost agents) keeps the population
+consistent with no extra bookkeeping, and since every stream is seeded the replayed rounds
+give exactly the numbers the lost ones would have.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
+from sim.backends.base import WorkerLostError
+from sim.checkpoint import Checkpoint, CheckpointStore, LoopState
 from sim.experiment import Experiment
+from sim.interrupt import RunInterrupted, StopRequests
 from sim.loggers import Sink
 from sim.metrics import agent_accuracies, head_summary, mean_losses, round_bytes
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    every: int  # rounds between checkpoints; 0: only on a signal
+    store: CheckpointStore
 
 
 def group_plans(experiment: Experiment, groups: list[list[int]]) -> list[GroupPlan]:
@@ -39,50 +56,84 @@ def _include_self(experiment: Experiment) -> bool:
 
 
 def run_rounds(
-    experiment: Experiment, backend: Backend, plans: list[GroupPlan], sinks: list[Sink], run_dir: Path
+    experiment: Experiment,
+    backend: Backend,
+    plans: list[GroupPlan],
+    sinks: list[Sink],
+    run_dir: Path,
+    checkpoints: CheckpointPolicy,
+    resume_from: Checkpoint | None,
 ) -> dict[str, Any]:
-    """Steps 1-4 above; returns the summary that was written to run_dir/summary.json."""
+    """Steps 1-6 above; returns the summary that was written to run_dir/summary.json."""
     started = time.perf_counter()
     backend.start(plans, experiment.public)  # 1
-    setup_s = time.perf_counter() - started
-    out_degree = dict(experiment.graph.out_degree())
-    comm_total = 0
-    round_times: list[float] = []
-    last_eval: dict[str, Any] = {}
-    for round_idx in range(experiment.rounds):  # 2
-        tick = time.perf_counter()
-        publish = experiment.method.exchanges and round_idx < experiment.rounds - 1
-        metrics = backend.run_round(round_idx, publish)
-        round_times.append(time.perf_counter() - tick)
-        sent = round_bytes(metrics, out_degree)
-        comm_total += sent
-        record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": round_times[-1]}
+    state = LoopState()
+    if resume_from is not None:
+        backend.restore(resume_from.directory)
+        state = resume_from.state
         for sink in sinks:
-            sink.log_round(round_idx, record)
-        if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:  # 3
-            last_eval = evaluation_record(experiment, backend.evaluate(), round_idx, record)
-            for sink in sinks:
-                sink.log_eval(round_idx, last_eval)
-    summary = {  # 4
-        "status": "completed",
-        "method": experiment.method_name,
-        "dataset": experiment.dataset,
-        "num_agents": experiment.num_agents,
-        "rounds": experiment.rounds,
-        "seed": experiment.seed,
-        "num_edges": experiment.graph.number_of_edges(),
-        "wall_time_s": time.perf_counter() - started,
-        "setup_time_s": setup_s,
-        "round_time_s_mean": sum(round_times) / len(round_times),
-        "comm_bytes_total": comm_total,
-        "comm_bytes_per_round": comm_total / experiment.rounds,
-        "runtime": backend.describe(),
-        "final": {"round": last_eval["round"], "heads": last_eval["heads"], "per_agent": last_eval["per_agent"]},
-    }
+            sink.rewind(state.next_round)
+    elif checkpoints.every > 0:
+        checkpoints.store.save(backend, state)
+    setup_s = time.perf_counter() - started
+    with StopRequests() as stop:
+        while state.next_round < experiment.rounds:
+            try:
+                state = run_round(experiment, backend, sinks, state)  # 2, 3
+                due = checkpoints.every > 0 and state.next_round % checkpoints.every == 0
+                if due or stop.signum is not None:  # 4
+                    saved = checkpoints.store.save(backend, state)
+            except WorkerLostError:  # 5
+                state = roll_back(backend, sinks, checkpoints.store, state)
+                continue
+            if stop.signum is not None:
+                write_json(run_dir / "summary.json", interrupted_summary(experiment, state, run_dir, saved))
+                raise RunInterrupted(stop.signum, str(saved))
+    summary = final_summary(experiment, backend, state, time.perf_counter() - started, setup_s)  # 6
     write_json(run_dir / "summary.json", summary)
     for sink in sinks:
         sink.finish(summary)
     return summary
+
+
+def run_round(experiment: Experiment, backend: Backend, sinks: list[Sink], state: LoopState) -> LoopState:
+    """One round (and its evaluation when due); the state advances only if all of it succeeded."""
+    round_idx = state.next_round
+    tick = time.perf_counter()
+    publish = experiment.method.exchanges and round_idx < experiment.rounds - 1
+    metrics = backend.run_round(round_idx, publish)
+    elapsed = time.perf_counter() - tick
+    sent = round_bytes(metrics, dict(experiment.graph.out_degree()))
+    record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
+    evaluated = None
+    if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:
+        evaluated = evaluation_record(experiment, backend.evaluate(), round_idx, record)
+    for sink in sinks:
+        sink.log_round(round_idx, record)
+        if evaluated is not None:
+            sink.log_eval(round_idx, evaluated)
+    return replace(
+        state,
+        next_round=round_idx + 1,
+        comm_bytes_total=state.comm_bytes_total + sent,
+        round_times_s=[*state.round_times_s, elapsed],
+        last_eval=evaluated or state.last_eval,
+    )
+
+
+def roll_back(backend: Backend, sinks: list[Sink], store: CheckpointStore, state: LoopState) -> LoopState:
+    """Restore every agent from the newest checkpoint; the rounds since then are replayed."""
+    checkpoint = store.latest(before_round=state.next_round)
+    if checkpoint is None:
+        raise WorkerLostError("an agent worker died and there is no checkpoint to restore (checkpoint_every=0)")
+    backend.restore(checkpoint.directory)
+    for sink in sinks:
+        sink.rewind(checkpoint.state.next_round)
+    return replace(
+        checkpoint.state,
+        actor_failures=state.actor_failures + 1,
+        rounds_replayed=state.rounds_replayed + state.next_round - checkpoint.state.next_round,
+    )
 
 
 def evaluation_record(
@@ -97,6 +148,45 @@ def evaluation_record(
         "heads": head_summary(per_agent),
         "per_agent": {str(agent_id): heads for agent_id, heads in per_agent.items()},
         **{key: value for key, value in round_record.items() if key != "round"},
+    }
+
+
+def _run_facts(experiment: Experiment) -> dict[str, Any]:
+    return {
+        "method": experiment.method_name,
+        "dataset": experiment.dataset,
+        "num_agents": experiment.num_agents,
+        "rounds": experiment.rounds,
+        "seed": experiment.seed,
+        "num_edges": experiment.graph.number_of_edges(),
+    }
+
+
+def final_summary(
+    experiment: Experiment, backend: Backend, state: LoopState, wall_s: float, setup_s: float
+) -> dict[str, Any]:
+    last = state.last_eval
+    return {
+        "status": "completed",
+        **_run_facts(experiment),
+        "wall_time_s": wall_s,
+        "setup_time_s": setup_s,
+        "round_time_s_mean": sum(state.round_times_s) / max(len(state.round_times_s), 1),
+        "comm_bytes_total": state.comm_bytes_total,
+        "comm_bytes_per_round": state.comm_bytes_total / experiment.rounds,
+        "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
+        "runtime": backend.describe(),
+        "final": {"round": last["round"], "heads": last["heads"], "per_agent": last["per_agent"]},
+    }
+
+
+def interrupted_summary(experiment: Experiment, state: LoopState, run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    return {
+        "status": "interrupted",
+        **_run_facts(experiment),
+        "rounds_completed": state.next_round,
+        "checkpoint": str(checkpoint),
+        "resume_command": f"mhd-sim resume={run_dir}",
     }
 
 

@@ -19,6 +19,7 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         torch_threads=None,
         startup_timeout_s=60.0,
         round_timeout_s=60.0,
+        max_actor_restarts=0,
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

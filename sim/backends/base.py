@@ -9,9 +9,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
+
+
+class WorkerLostError(RuntimeError):
+    """A worker process died mid-call; its agents must be restored from a checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,18 @@ class Backend(ABC):
     @abstractmethod
     def evaluate(self) -> dict[int, EvalCounts]:
         """Test-set counts per agent id."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Every agent writes its own state into `directory` (agents' own storage)."""
+
+    @abstractmethod
+    def restore(self, directory: Path) -> None:
+        """Every agent loads its state from `directory`; in-flight predictions are re-sent.
+
+        Waits for restarted workers first, so it is also the recovery step after a
+        WorkerLostError.
+        """
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -18,7 +20,7 @@ import ray
 from agents.actor import RemoteAgentGroup
 from agents.agent import PublicData
 from agents.messages import EvalCounts
-from sim.backends.base import Backend, GroupPlan
+from sim.backends.base import Backend, GroupPlan, WorkerLostError
 from sim.placement import Placement, RuntimeConfig
 
 
@@ -40,29 +42,51 @@ class RayBackend(Backend):
 
     def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
         self.plans = list(plans)
-        public_ref = ray.put(public)  # one copy in the object store, read by every actor
-        options = {"num_cpus": self.placement.num_cpus_per_group, "num_gpus": self.placement.num_gpus_per_group}
+        # One copy in the object store, read by every actor. Held here for the whole run: Ray
+        # needs it again to re-run __init__ when it restarts a dead actor.
+        self.public_ref = ray.put(public)
+        options = {
+            "num_cpus": self.placement.num_cpus_per_group,
+            "num_gpus": self.placement.num_gpus_per_group,
+            "max_restarts": self.runtime.max_actor_restarts,  # Ray re-runs __init__ with the same specs
+            "max_task_retries": 0,  # a lost call surfaces as WorkerLostError; the loop rolls back
+        }
         self.actors = [
-            RemoteAgentGroup.options(**options).remote(plan.specs, public_ref, self.placement.torch_threads)
+            RemoteAgentGroup.options(**options).remote(plan.specs, self.public_ref, self.placement.torch_threads)
             for plan in self.plans
         ]
-        try:
-            self.locations = ray.get(
-                [actor.ready.remote() for actor in self.actors], timeout=self.runtime.startup_timeout_s
-            )
-        except ray.exceptions.GetTimeoutError:
-            raise ActorStartupError(
-                f"{len(self.actors)} actors were not ready after runtime.startup_timeout_s="
-                f"{self.runtime.startup_timeout_s}s (each asks for {options})"
-            ) from None
+        self._wait_ready()
         self.bundle_refs = [None] * len(self.actors)
+
+    def _wait_ready(self) -> None:
+        """Block until every actor has run its __init__; a start-up that hangs raises.
+
+        A restarting actor answers "temporarily unavailable" until its __init__ has run again,
+        so that answer is retried until runtime.startup_timeout_s.
+        """
+        deadline = time.monotonic() + self.runtime.startup_timeout_s
+        while True:
+            try:
+                calls = [actor.ready.remote() for actor in self.actors]
+                self.locations = ray.get(calls, timeout=max(deadline - time.monotonic(), 0.0))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise WorkerLostError("a restarted agent actor never became available again") from None
+                time.sleep(0.2)
+            except ray.exceptions.GetTimeoutError:
+                raise ActorStartupError(
+                    f"{len(self.actors)} actors were not ready after runtime.startup_timeout_s="
+                    f"{self.runtime.startup_timeout_s}s (each asks for {self.placement.num_cpus_per_group} CPUs, "
+                    f"{self.placement.num_gpus_per_group} GPUs)"
+                ) from None
 
     def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
         calls = []
         for actor, plan in zip(self.actors, self.plans, strict=True):
             incoming = [ref for ref in (self.bundle_refs[source] for source in plan.sources) if ref is not None]
             calls.append(actor.run_round.remote(round_idx, publish and plan.publishes, *incoming))
-        results = ray.get(calls, timeout=self.runtime.round_timeout_s)
+        results = self._get(calls)
         metrics: dict[int, dict[str, float]] = {}
         for group_metrics, _ in results:
             metrics.update(group_metrics)
@@ -71,11 +95,23 @@ class RayBackend(Backend):
 
     def evaluate(self) -> dict[int, EvalCounts]:
         counts: dict[int, EvalCounts] = {}
-        for group_counts in ray.get(
-            [actor.evaluate.remote() for actor in self.actors], timeout=self.runtime.round_timeout_s
-        ):
+        for group_counts in self._get([actor.evaluate.remote() for actor in self.actors]):
             counts.update(group_counts)
         return counts
+
+    def save(self, directory: Path) -> None:
+        self._get([actor.save.remote(str(directory)) for actor in self.actors])
+
+    def restore(self, directory: Path) -> None:
+        self._wait_ready()  # a restarted actor answers once its __init__ has run again
+        self.bundle_refs = self._get([actor.restore.remote(str(directory)) for actor in self.actors])
+
+    def _get(self, calls: list[Any]) -> list[Any]:
+        """ray.get with the round timeout; a dead actor becomes a WorkerLostError."""
+        try:
+            return ray.get(calls, timeout=self.runtime.round_timeout_s)
+        except ray.exceptions.RayActorError as error:  # also ActorDiedError / ActorUnavailableError
+            raise WorkerLostError(f"an agent actor died: {type(error).__name__}") from error
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -92,6 +128,7 @@ class RayBackend(Backend):
             "agents_per_actor": [len(plan.specs) for plan in self.plans],
             "nodes": sorted({location["node_id"] for location in self.locations}),
             "torch_threads": self.placement.torch_threads,
+            "pids": [int(location["pid"]) for location in self.locations],
         }
 
 

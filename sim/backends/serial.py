@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from agents.agent import PublicData
 from agents.group import AgentGroup, Bundle
@@ -41,6 +42,13 @@ class SerialBackend(Backend):
         for group in self.groups:
             counts.update(group.evaluate())
         return counts
+
+    def save(self, directory: Path) -> None:
+        for group in self.groups:
+            group.save(str(directory))
+
+    def restore(self, directory: Path) -> None:
+        self.bundles = [group.restore(str(directory)) for group in self.groups]
 
     def shutdown(self) -> None:
         self.groups = []

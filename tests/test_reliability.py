@@ -1,0 +1,115 @@
+"""Runs survive killed actors and interrupted drivers, and resume to identical numbers."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from sim.backends import create_backend
+from sim.checkpoint import CheckpointStore
+from sim.errors import ConfigError
+from sim.experiment import build_experiment
+from sim.interrupt import RunInterrupted
+from sim.loggers import Sink
+from sim.run import run
+from sim.simulation import CheckpointPolicy, group_plans, run_rounds
+from tests.conftest import TINY, make_config
+
+pytestmark = pytest.mark.slow
+RUN = [*TINY, "rounds=6", "eval_every=2", "checkpoint_every=2", "checkpoint_keep=3"]
+
+
+class SignalAt(Sink):
+    """Sends `signum` to this process after round `at` (as a user's kill would)."""
+
+    def __init__(self, at: int, signum: int) -> None:
+        self.at, self.signum = at, signum
+
+    def log_round(self, round_idx: int, record: dict[str, float]) -> None:
+        if round_idx == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def _uninterrupted(tmp_path: Path, *overrides: str) -> dict[str, Any]:
+    return run(make_config(*RUN, "runtime.backend=serial", *overrides), tmp_path / "reference")["final"]
+
+
+def _interrupt(run_dir: Path, at: int, signum: int, overrides: tuple[str, ...] = ()) -> None:
+    """Run in-process (serial backend) until the signal after round `at` stops it."""
+    cfg = make_config(*RUN, "runtime.backend=serial", *overrides)
+    experiment = build_experiment(cfg)
+    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    policy = CheckpointPolicy(cfg.checkpoint_every, CheckpointStore(run_dir, cfg.checkpoint_keep))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with pytest.raises(RunInterrupted) as stopped:
+        run_rounds(experiment, backend, group_plans(experiment, groups), [SignalAt(at, signum)], run_dir, policy, None)
+    assert stopped.value.exit_code == 128 + signum
+
+
+def test_sigint_checkpoints_and_resume_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    _interrupt(run_dir, at=2, signum=signal.SIGINT)
+    assert (run_dir / "checkpoints" / "round_000003").is_dir()  # written on the signal, off-schedule
+    resumed = run(make_config(f"resume={run_dir}", "runtime.backend=serial"), Path("unused"))
+    assert resumed["final"] == _uninterrupted(tmp_path)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    _interrupt(run_dir, at=2, signum=signal.SIGTERM)
+    newest = run_dir / "checkpoints" / "round_000003" / "agent_00001.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a crash mid-write
+    resumed = run(make_config(f"resume={run_dir}", "runtime.backend=serial"), Path("unused"))
+    assert resumed["final"] == _uninterrupted(tmp_path)
+    assert newest.stat().st_size == 100  # fallback read it, did not delete or rewrite it
+
+
+def test_resume_without_an_intact_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    _interrupt(run_dir, at=0, signum=signal.SIGINT, overrides=("checkpoint_every=0",))
+    for agent_file in (run_dir / "checkpoints").glob("*/agent_*.pt"):
+        agent_file.write_bytes(b"")
+    with pytest.raises(ConfigError, match="resume=.*intact checkpoint"):
+        run(make_config(f"resume={run_dir}", "runtime.backend=serial"), Path("unused"))
+
+
+class KillActorAt(Sink):
+    """SIGKILLs one agent actor process after round `at`, like the OOM killer would."""
+
+    def __init__(self, at: int, pids: list[int]) -> None:
+        self.at, self.pids, self.killed = at, pids, False
+
+    def log_round(self, round_idx: int, record: dict[str, float]) -> None:
+        if round_idx == self.at and not self.killed:
+            os.kill(self.pids[-1], signal.SIGKILL)
+            self.killed = True
+
+
+def test_a_killed_actor_is_restarted_and_the_run_loses_no_round(ray_session: None, tmp_path: Path) -> None:
+    cfg = make_config(*RUN, "runtime.backend=ray", "runtime.agents_per_actor=2")
+    experiment = build_experiment(cfg)
+    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    policy = CheckpointPolicy(cfg.checkpoint_every, CheckpointStore(tmp_path / "run", cfg.checkpoint_keep))
+    (tmp_path / "run").mkdir()
+    killer = KillActorAt(3, [])
+    plans = group_plans(experiment, groups)
+    original_start = backend.start
+
+    def start_and_note_pids(*args: Any) -> None:
+        original_start(*args)
+        killer.pids.extend(backend.describe()["pids"])  # type: ignore[arg-type]
+
+    backend.start = start_and_note_pids  # type: ignore[method-assign]
+    try:
+        summary = run_rounds(experiment, backend, plans, [killer], tmp_path / "run", policy, None)
+    finally:
+        backend.shutdown()
+    assert killer.killed
+    assert summary["recovery"] == {"actor_failures": 1, "rounds_replayed": 2}  # rounds 2 and 3 again
+    assert summary["final"] == _uninterrupted(tmp_path)
