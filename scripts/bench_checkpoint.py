@@ -1,0 +1,72 @@
+"""Measured cost of a checkpoint, against the cost of a round.
+
+    python scripts/bench_checkpoint.py [OVERRIDE ...] [--repeats 5] [--out bench_checkpoint.json]
+
+Builds the run the overrides describe (default: the default `mhd-sim` run), starts its
+backend, burns in two rounds, then times `repeats` rounds and `repeats` checkpoints of the
+whole population. Prints and writes JSON: seconds per round, seconds per checkpoint, MB per
+checkpoint, and the overhead per round at the configured `checkpoint_every`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from sim.backends import create_backend
+from sim.checkpoint import CheckpointStore, LoopState
+from sim.experiment import build_experiment
+from sim.simulation import group_plans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for mhd-sim")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench_checkpoint.json"))
+    args = parser.parse_args()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=args.overrides)
+    experiment = build_experiment(cfg)
+    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
+    store = CheckpointStore(run_dir, keep=1)
+    try:
+        backend.start(group_plans(experiment, groups), experiment.public)
+        for round_idx in range(2):  # burn in
+            backend.run_round(round_idx, publish=True)
+        tick = time.perf_counter()
+        for round_idx in range(2, 2 + args.repeats):
+            backend.run_round(round_idx, publish=True)
+        round_s = (time.perf_counter() - tick) / args.repeats
+        tick = time.perf_counter()
+        for repeat in range(args.repeats):
+            saved = store.save(backend, LoopState(next_round=2 + args.repeats + repeat))
+        checkpoint_s = (time.perf_counter() - tick) / args.repeats
+        size_mb = sum(path.stat().st_size for path in saved.iterdir()) / 1e6
+    finally:
+        backend.shutdown()
+        shutil.rmtree(run_dir)
+    result = {
+        "overrides": args.overrides,
+        "backend": experiment.runtime.backend,
+        "num_agents": experiment.num_agents,
+        "backbone": str(cfg.backbone.name),
+        "round_s": round_s,
+        "checkpoint_s": checkpoint_s,
+        "checkpoint_mb": size_mb,
+        "checkpoint_every": int(cfg.checkpoint_every),
+        "overhead_per_round_pct": 100 * checkpoint_s / max(int(cfg.checkpoint_every), 1) / round_s,
+    }
+    print(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
