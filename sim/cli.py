@@ -1,8 +1,10 @@
-"""`mhd-sim`: the Hydra entry point. Configs ship inside the package (conf/)."""
+"""`mhd-sim`: checks the command line, then hands it to Hydra. Configs ship inside the package (conf/)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -11,25 +13,47 @@ from omegaconf import DictConfig
 
 from agents.agent import TrainingDivergedError
 from sim.errors import ConfigError
+from sim.interrupt import RunInterrupted
+from sim.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, debug_requested, preflight
 from sim.run import describe_error, run
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Run one simulation (or one job of a --multirun sweep) into Hydra's output directory."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def main() -> None:
+    """The console entry point: every bad input is one line and exit 2 before Hydra starts a job."""
+    args = sys.argv[1:]
+    with bad_input_exits(debug_requested(args)):
+        preflight(args)
+    simulate()
+
+
+@contextmanager
+def bad_input_exits(debug: bool) -> Iterator[None]:
+    """Turns a ConfigError into `mhd-sim: error: ...` on stderr and exit code 2; debug re-raises it."""
     try:
-        run(cfg, run_dir)
+        yield
     except ConfigError as error:
-        if cfg.get("debug", False):
+        if debug:
             raise
         print(f"mhd-sim: error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    except TrainingDivergedError as error:  # Ray re-raises it as a subclass of the original
-        if cfg.get("debug", False):
-            raise
-        print(f"mhd-sim: {describe_error(error)}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
+
+
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
+def simulate(cfg: DictConfig) -> None:
+    """Run one simulation (or one job of a --multirun sweep) into Hydra's output directory."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    debug = bool(cfg.get("debug", False))
+    with bad_input_exits(debug):
+        try:
+            run(cfg, run_dir)
+        except TrainingDivergedError as error:  # Ray re-raises it as a subclass of the original
+            if debug:
+                raise
+            print(f"mhd-sim: {describe_error(error)}", file=sys.stderr)
+            sys.exit(EXIT_DIVERGED)
+        except RunInterrupted as stopped:  # checkpoint written; summary.json says how to resume
+            print(f"mhd-sim: {stopped}; continue with: {stopped.resume_command}", file=sys.stderr)
+            sys.exit(stopped.exit_code)

@@ -7,23 +7,33 @@ to the backends and agents is typed (AgentSpec, PublicData, RuntimeConfig).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
 import networkx as nx
 import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from agents.agent import AgentSpec, PublicData, TrainConfig
-from agents.model import ModelConfig
-from sim.datasets import DatasetSplits, load_dataset, split_public_private
+from agents.backbones.registry import BACKBONES, check_param_names
+from agents.model import ModelConfig, MultiHeadModel
+from sim.data.options import check_options
+from sim.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
 from sim.errors import ConfigError
 from sim.methods import METHODS, MethodPlan
-from sim.partition import class_count_matrix, partition
-from sim.placement import RuntimeConfig
+from sim.partition import PARTITIONERS, class_count_matrix, partition
+from sim.placement import RuntimeConfig, check_cluster_address, check_gpus_exist
 from sim.seeding import derive_seed
 from sim.validation import (
+    boolean,
+    int_between,
     non_negative_int,
+    non_negative_number,
     optional_positive_int,
     positive_int,
     positive_number,
@@ -32,6 +42,11 @@ from topologies import build_topology, in_neighbours
 
 # Keys of conf/data/*.yaml consumed here; the rest are options of the dataset loader.
 DATA_SPLIT_KEYS = ("name", "root", "public_size", "public_batch_size")
+
+MAX_AUX_HEADS = 16
+"""Upper bound on model.aux_heads. Each head adds public_batch x classes logits to every message
+and a distillation term to every step, so 16 heads already send 17 times the single-head
+traffic; a larger value is far more likely a slip (a round count in the wrong key) than a study."""
 
 
 @dataclass(frozen=True)
@@ -52,34 +67,77 @@ class Experiment:
     dataset: str
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
-    """Validate `cfg` and build everything a backend needs; raises ConfigError on bad input."""
-    num_agents = positive_int("num_agents", cfg.num_agents)
-    rounds = positive_int("rounds", cfg.rounds)
-    eval_every = positive_int("eval_every", cfg.eval_every)
-    seed = non_negative_int("seed", cfg.seed)
-    method_params = _params(cfg.method)
-    method = METHODS.get(str(cfg.method.name))(method_params, non_negative_int("model.aux_heads", cfg.model.aux_heads))
-    runtime = runtime_config(cfg.runtime)
-    train = train_config(cfg.train)
+@dataclass(frozen=True)
+class Settings:
+    """What a config fixes without reading any data; `check_config` builds it."""
 
-    splits = load_dataset(str(cfg.data.name), cfg.data.root, seed, **_params(cfg.data, drop=DATA_SPLIT_KEYS))
+    num_agents: int
+    rounds: int
+    eval_every: int
+    seed: int
+    method_name: str
+    method: MethodPlan
+    graph: nx.DiGraph  # edge u -> v: v distils from u's predictions
+    runtime: RuntimeConfig
+    train: TrainConfig
+    public_size: int
+    public_batch_size: int
+
+
+def check_config(cfg: DictConfig) -> Settings:
+    """Every check that needs no data: scalars, registered names, builder options, optimizer, graph.
+
+    It is cheap (milliseconds once torch has built its first optimizer), so preflight runs it
+    for every job of a sweep before the first one starts; build_experiment runs it again before
+    loading data. Raises ConfigError.
+    """
+    boolean("debug", cfg.debug)
+    num_agents = positive_int("num_agents", cfg.num_agents)
+    seed = non_negative_int("seed", cfg.seed)
+    aux_heads = int_between("model.aux_heads", cfg.model.aux_heads, 0, MAX_AUX_HEADS)
     public_size = positive_int("data.public_size", cfg.data.public_size)
     public_batch_size = positive_int("data.public_batch_size", cfg.data.public_batch_size)
-    if public_size >= len(splits.train.y):
-        raise ConfigError("data.public_size", public_size, f"smaller than the {len(splits.train.y)} training samples")
     if public_batch_size > public_size:
         raise ConfigError("data.public_batch_size", public_batch_size, f"at most data.public_size={public_size}")
-    split = split_public_private(splits.train, public_size, seed)
+    _check_builder_options(cfg)
+    return Settings(
+        num_agents=num_agents,
+        rounds=positive_int("rounds", cfg.rounds),
+        eval_every=positive_int("eval_every", cfg.eval_every),
+        seed=seed,
+        method_name=str(cfg.method.name),
+        method=METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads),
+        graph=build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology)),
+        runtime=runtime_config(cfg.runtime),
+        train=train_config(cfg.train),
+        public_size=public_size,
+        public_batch_size=public_batch_size,
+    )
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Validate `cfg` and build everything a backend needs; raises ConfigError on bad input.
+
+    After `check_config`, the checks that need the data: dataset files, sizes against the
+    data, a partition that leaves no agent empty, and a model that builds for these images.
+    """
+    settings = check_config(cfg)
+    num_agents, seed, method = settings.num_agents, settings.seed, settings.method
+    root = None if cfg.data.root is None else str(cfg.data.root)  # a folder may be named 2024
+    splits = load_dataset(str(cfg.data.name), root, seed, **_params(cfg.data, drop=DATA_SPLIT_KEYS))
+    if settings.public_size >= len(splits.train.y):
+        raise ConfigError(
+            "data.public_size", settings.public_size, f"smaller than the {len(splits.train.y)} training samples"
+        )
+    split = split_public_private(splits.train, settings.public_size, seed)
     parts = partition(
         str(cfg.partition.name), split.private.y, num_agents, splits.num_classes, seed, **_params(cfg.partition)
     )
+    _check_every_agent_has_data(parts, str(cfg.partition.name))
     class_counts = class_count_matrix(split.private.y, parts, splits.num_classes)
-    graph = build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology))
-    if not method.exchanges:
-        graph = nx.create_empty_copy(graph)  # no messages: no edges carry anything
-
+    graph = settings.graph if method.exchanges else nx.create_empty_copy(settings.graph)  # no messages, no edges
     model = _model_config(cfg, splits, method)
+    _check_model_builds(model)
     neighbours = in_neighbours(graph)
     specs = [
         AgentSpec(
@@ -89,7 +147,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
             private_x=split.private.x[part],
             private_y=split.private.y[part],
             model=model,
-            train=train,
+            train=settings.train,
             distill=method.distill,
             message_dtype=method.message_dtype,
         )
@@ -98,50 +156,100 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     if method.central:
         specs = [_central_spec(specs, seed)]
     public = PublicData(
-        split.public_x, public_batch_size, derive_seed(seed, "public_schedule"), splits.test.x, splits.test.y
+        split.public_x, settings.public_batch_size, derive_seed(seed, "public_schedule"), splits.test.x, splits.test.y
     )
     return Experiment(
         num_agents,
-        rounds,
-        eval_every,
+        settings.rounds,
+        settings.eval_every,
         seed,
-        str(cfg.method.name),
+        settings.method_name,
         method,
         graph,
         class_counts,
         specs,
         public,
-        runtime,
+        settings.runtime,
         splits.name,
     )
 
 
 def runtime_config(runtime: DictConfig) -> RuntimeConfig:
-    return RuntimeConfig(
+    """The runtime group as a RuntimeConfig; GPUs and a cluster address are checked to exist."""
+    config = RuntimeConfig(
         backend=str(runtime.backend),
         address=None if runtime.address is None else str(runtime.address),
         num_cpus=optional_positive_int("runtime.num_cpus", runtime.num_cpus),
         agents_per_actor=optional_positive_int("runtime.agents_per_actor", runtime.agents_per_actor),
         num_cpus_per_actor=positive_number("runtime.num_cpus_per_actor", runtime.num_cpus_per_actor),
-        num_gpus_per_actor=float(runtime.num_gpus_per_actor),
+        num_gpus_per_actor=non_negative_number("runtime.num_gpus_per_actor", runtime.num_gpus_per_actor),
         torch_threads=optional_positive_int("runtime.torch_threads", runtime.torch_threads),
         startup_timeout_s=positive_number("runtime.startup_timeout_s", runtime.startup_timeout_s),
         round_timeout_s=positive_number("runtime.round_timeout_s", runtime.round_timeout_s),
         max_actor_restarts=non_negative_int("runtime.max_actor_restarts", runtime.max_actor_restarts),
     )
+    check_gpus_exist(config, torch.cuda.is_available())
+    check_cluster_address(config)
+    return config
 
 
 def train_config(train: DictConfig) -> TrainConfig:
-    optimizer = OmegaConf.to_container(train.optimizer, resolve=True)
+    """The train group as a TrainConfig, with an optimizer that is known to build."""
+    node = train.optimizer
+    optimizer = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     if not isinstance(optimizer, dict) or "_target_" not in optimizer:
         raise ConfigError("train.optimizer", optimizer, "a mapping with _target_ (e.g. torch.optim.SGD) and its kwargs")
+    kwargs = {str(key): value for key, value in optimizer.items()}
+    _check_optimizer(kwargs)
     return TrainConfig(
         local_steps=positive_int("train.local_steps", train.local_steps),
         batch_size=positive_int("train.batch_size", train.batch_size),
         distill_batch_size=positive_int("train.distill_batch_size", train.distill_batch_size),
         eval_batch_size=positive_int("train.eval_batch_size", train.eval_batch_size),
-        optimizer={str(key): value for key, value in optimizer.items()},
+        optimizer=kwargs,
     )
+
+
+def _check_optimizer(optimizer: dict[str, Any]) -> None:
+    """Builds the optimizer as every Agent will, on one throwaway parameter.
+
+    A bad `_target_` or kwarg then fails here, once, naming its key, instead of inside every
+    agent after the workers have started.
+    """
+    target = str(optimizer["_target_"])
+    optimizer_class = _import_class(target)
+    if not issubclass(optimizer_class, torch.optim.Optimizer):
+        raise ConfigError("train.optimizer._target_", target, "a subclass of torch.optim.Optimizer")
+    _check_kwarg_names(optimizer_class, optimizer)
+    try:
+        instantiate(optimizer, params=[torch.nn.Parameter(torch.zeros(1))])
+    except InstantiationException as error:
+        kwargs = {key: value for key, value in optimizer.items() if key != "_target_"}
+        reason = " ".join(str(error.__cause__ or error).split())
+        raise ConfigError("train.optimizer", kwargs, f"{target} rejects them: {reason}") from None
+
+
+def _check_kwarg_names(optimizer_class: type, optimizer: dict[str, Any]) -> None:
+    """A misspelt kwarg named as its key, with the accepted ones (Hydra's `_..._` keys are its own)."""
+    parameters = inspect.signature(optimizer_class).parameters
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    accepted = [name for name in parameters if name != "params"]
+    for key, value in optimizer.items():
+        if not key.startswith("_") and key not in accepted:
+            raise ConfigError(f"train.optimizer.{key}", value, f"{optimizer['_target_']} takes {', '.join(accepted)}")
+
+
+def _import_class(path: str) -> type:
+    """The class at `path` (module.Class); Hydra's own locator would log each failure to stderr."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if not isinstance(found, type):
+        raise ConfigError("train.optimizer._target_", path, "an importable optimizer class, e.g. torch.optim.SGD")
+    return found
 
 
 def _model_config(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan) -> ModelConfig:
@@ -156,6 +264,38 @@ def _model_config(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan) ->
         aux_heads=method.aux_heads,
         embedding_projection=projection,
     )
+
+
+def _check_model_builds(model: ModelConfig) -> None:
+    """Builds one throwaway model, so a bad backbone value fails here rather than in every worker.
+
+    The global torch RNG is left as it was: agents seed their own models.
+    """
+    with torch.random.fork_rng(devices=[]):
+        MultiHeadModel(model)
+
+
+def _check_builder_options(cfg: DictConfig) -> None:
+    """Names and option keys of the dataset, partitioner and backbone, against their signatures."""
+    data, partitioner, backbone = str(cfg.data.name), str(cfg.partition.name), str(cfg.backbone.name)
+    check_options("data", data, DATASETS.get(data), _params(cfg.data, drop=DATA_SPLIT_KEYS))
+    check_options("partition", partitioner, PARTITIONERS.get(partitioner), _params(cfg.partition))
+    check_param_names(backbone, BACKBONES.get(backbone), _params(cfg.backbone))
+
+
+def _check_every_agent_has_data(parts: list[np.ndarray], partition_name: str) -> None:
+    """Every agent needs at least one private sample.
+
+    A shard smaller than train.batch_size is fine: the Agent then uses its whole shard per step.
+    """
+    sizes = [len(part) for part in parts]
+    if min(sizes) == 0:
+        raise ConfigError(
+            "num_agents",
+            len(parts),
+            f"at most as many agents as partition {partition_name} gives a sample each (agent {sizes.index(0)} "
+            f"got none of the {sum(sizes)} samples dealt); use fewer agents or change the partition",
+        )
 
 
 def _central_spec(specs: list[AgentSpec], seed: int) -> AgentSpec:

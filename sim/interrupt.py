@@ -17,9 +17,10 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 class RunInterrupted(Exception):
     """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + signum."""
 
-    def __init__(self, signum: int, checkpoint: str) -> None:
+    def __init__(self, signum: int, checkpoint: str, run_dir: str) -> None:
         self.signum = signum
         self.exit_code = 128 + signum
+        self.resume_command = f"mhd-sim resume={run_dir}"
         super().__init__(f"stopped by {signal.Signals(signum).name} after a checkpoint in {checkpoint}")
 
 

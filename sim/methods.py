@@ -15,6 +15,7 @@ from agents.losses import TEACHER_RULES, DistillConfig
 from agents.messages import MESSAGE_DTYPES
 from sim.errors import ConfigError
 from sim.registry import Registry
+from sim.validation import boolean, non_negative_number, positive_number
 
 
 @dataclass(frozen=True)
@@ -33,30 +34,31 @@ MethodBuilder = Callable[[dict[str, Any], int], MethodPlan]
 METHODS: Registry[MethodBuilder] = Registry("method")
 
 
+def _param(params: dict[str, Any], key: str) -> Any:
+    """`params[key]`, or a ConfigError naming `method.KEY` (e.g. after `method.name=mhd` on a method without it)."""
+    if key not in params:
+        raise ConfigError(f"method.{key}", None, "missing; a distilling method needs it (see conf/method/mhd.yaml)")
+    return params[key]
+
+
 def _distill_config(params: dict[str, Any]) -> DistillConfig:
-    for key in ("nu_main", "nu_aux", "nu_emb"):
-        if not isinstance(params[key], (int, float)) or params[key] < 0:
-            raise ConfigError(f"method.{key}", params[key], "a number >= 0")
-    if not isinstance(params["temperature"], (int, float)) or params["temperature"] <= 0:
-        raise ConfigError("method.temperature", params["temperature"], "a number > 0")
-    TEACHER_RULES.get(params["teacher_rule"])
-    if not isinstance(params["include_self"], bool):
-        raise ConfigError("method.include_self", params["include_self"], "true or false")
+    teacher_rule = str(_param(params, "teacher_rule"))
+    TEACHER_RULES.get(teacher_rule)
     return DistillConfig(
-        nu_main=float(params["nu_main"]),
-        nu_aux=float(params["nu_aux"]),
-        nu_emb=float(params["nu_emb"]),
-        temperature=float(params["temperature"]),
-        teacher_rule=str(params["teacher_rule"]),
-        include_self=params["include_self"],
+        nu_main=non_negative_number("method.nu_main", _param(params, "nu_main")),
+        nu_aux=non_negative_number("method.nu_aux", _param(params, "nu_aux")),
+        nu_emb=non_negative_number("method.nu_emb", _param(params, "nu_emb")),
+        temperature=positive_number("method.temperature", _param(params, "temperature")),
+        teacher_rule=teacher_rule,
+        include_self=boolean("method.include_self", _param(params, "include_self")),
     )
 
 
 def _message_dtype(params: dict[str, Any]) -> str:
-    dtype = params["message_dtype"]
+    dtype = str(_param(params, "message_dtype"))
     if dtype not in MESSAGE_DTYPES:
         raise ConfigError("method.message_dtype", dtype, f"one of {', '.join(sorted(MESSAGE_DTYPES))}")
-    return str(dtype)
+    return dtype
 
 
 @METHODS.register("mhd")

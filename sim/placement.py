@@ -9,6 +9,7 @@ forever without a word).
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,54 @@ class RuntimeConfig:
     startup_timeout_s: float  # how long actors may take to start before the run fails
     round_timeout_s: float  # how long one round may take before the run fails
     max_actor_restarts: int  # times Ray restarts a dead actor before the run fails
+
+    @property
+    def on_this_machine(self) -> bool:
+        """Whether the agents run here: in this process (serial) or on a Ray started here (no address)."""
+        return self.backend == "serial" or self.address is None
+
+
+ADDRESS_TIMEOUT_S = 3.0
+"""A reachable Ray head accepts a TCP connection in milliseconds; 3 s also covers a slow WAN link."""
+
+
+def check_gpus_exist(runtime: RuntimeConfig, cuda_available: bool) -> None:
+    """Rejects a GPU request for agents on this machine when torch sees no CUDA device here.
+
+    A locally started Ray would report 0 GPUs only after it has started, and the serial
+    backend would run on the CPU while the config claims a GPU.
+    """
+    if runtime.num_gpus_per_actor > 0 and runtime.on_this_machine and not cuda_available:
+        raise ConfigError(
+            "runtime.num_gpus_per_actor",
+            runtime.num_gpus_per_actor,
+            "0 here: torch sees no CUDA device on this machine (set runtime.address to use a GPU cluster)",
+        )
+
+
+def check_cluster_address(runtime: RuntimeConfig) -> None:
+    """Rejects a Ray address that does not accept a TCP connection, before ray.init retries it.
+
+    `auto` (find the cluster this machine belongs to) is left to Ray, and so is the address
+    when it is unused (serial backend) or absent (a local Ray is started).
+    """
+    if runtime.on_this_machine or runtime.address == "auto":
+        return
+    assert runtime.address is not None
+    host, port = _host_port(runtime.address)
+    try:
+        socket.create_connection((host, port), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConfigError(
+            "runtime.address", runtime.address, f"a reachable Ray cluster ({host}:{port}: {error.strerror or error})"
+        ) from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("runtime.address", address, "null, auto, HOST:PORT or ray://HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     resume_from: Checkpoint | None = None
     if cfg.resume is not None:
         cfg, run_dir, resume_from = resumed_run(cfg)
-    _check_names(cfg)
+    check_names(cfg)
     policy = CheckpointPolicy(
         non_negative_int("checkpoint_every", cfg.checkpoint_every),
         CheckpointStore(run_dir, positive_int("checkpoint_keep", cfg.checkpoint_keep)),
@@ -86,7 +86,7 @@ def describe_error(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
-def _check_names(cfg: DictConfig) -> None:
+def check_names(cfg: DictConfig) -> None:
     """Registry names and modes that can be checked before any data is loaded."""
     BACKENDS.get(str(cfg.runtime.backend))
     LOGGERS.get(str(cfg.logger.name))

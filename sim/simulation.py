@@ -87,8 +87,9 @@ def run_rounds(
                 state = roll_back(backend, sinks, checkpoints.store, state)
                 continue
             if stop.signum is not None:
-                write_json(run_dir / "summary.json", interrupted_summary(experiment, state, run_dir, saved))
-                raise RunInterrupted(stop.signum, str(saved))
+                stopped = RunInterrupted(stop.signum, str(saved), str(run_dir))
+                write_json(run_dir / "summary.json", interrupted_summary(experiment, state, saved, stopped))
+                raise stopped
     summary = final_summary(experiment, backend, state, time.perf_counter() - started, setup_s)  # 6
     write_json(run_dir / "summary.json", summary)
     for sink in sinks:
@@ -180,13 +181,15 @@ def final_summary(
     }
 
 
-def interrupted_summary(experiment: Experiment, state: LoopState, run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+def interrupted_summary(
+    experiment: Experiment, state: LoopState, checkpoint: Path, stopped: RunInterrupted
+) -> dict[str, Any]:
     return {
         "status": "interrupted",
         **_run_facts(experiment),
         "rounds_completed": state.next_round,
         "checkpoint": str(checkpoint),
-        "resume_command": f"mhd-sim resume={run_dir}",
+        "resume_command": stopped.resume_command,
     }
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from sim.simulation import CheckpointPolicy, group_plans, run_rounds
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.slow
+MHD_SIM = str(Path(sys.executable).with_name("mhd-sim"))
 RUN = [*TINY, "rounds=6", "eval_every=2", "checkpoint_every=2", "checkpoint_keep=3"]
 
 
@@ -113,3 +118,36 @@ def test_a_killed_actor_is_restarted_and_the_run_loses_no_round(ray_session: Non
     assert killer.killed
     assert summary["recovery"] == {"actor_failures": 1, "rounds_replayed": 2}  # rounds 2 and 3 again
     assert summary["final"] == _uninterrupted(tmp_path)
+
+
+@pytest.mark.parametrize(("signum", "backend"), [(signal.SIGTERM, "serial"), (signal.SIGINT, "ray")])
+def test_the_cli_stops_on_a_signal_and_resumes_to_the_same_numbers(
+    tmp_path: Path, signum: signal.Signals, backend: str
+) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "rounds=40", "eval_every=1", "checkpoint_every=0", f"runtime.backend={backend}"]
+    process = subprocess.Popen(
+        [MHD_SIM, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["resume_command"] == f"mhd-sim resume={run_dir}"
+    resumed = subprocess.run(
+        [MHD_SIM, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume-call'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads((run_dir / "summary.json").read_text())
+    reference = run(make_config(*overrides, "runtime.backend=serial"), tmp_path / "reference")
+    assert final["status"] == "completed" and final["final"] == reference["final"]
+    rounds_logged = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
+    assert rounds_logged == list(range(1, 41))  # no evaluation lost or duplicated
