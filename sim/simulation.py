@@ -16,6 +16,7 @@ give exactly the numbers the lost ones would have.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,6 +128,11 @@ def roll_back(backend: Backend, sinks: list[Sink], store: CheckpointStore, state
     checkpoint = store.latest(before_round=state.next_round)
     if checkpoint is None:
         raise WorkerLostError("an agent worker died and there is no checkpoint to restore (checkpoint_every=0)")
+    print(
+        f"mhd-sim: an agent worker died during round {state.next_round}; restoring every agent from "
+        f"{checkpoint.directory.name} and replaying {state.next_round - checkpoint.state.next_round} rounds",
+        file=sys.stderr,
+    )
     backend.restore(checkpoint.directory)
     for sink in sinks:
         sink.rewind(checkpoint.state.next_round)
