@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 
 import ray
 
-from agents.agent import AgentSpec, PublicData
+from agents.agent import AgentSpec, ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
 from agents.messages import EvalCounts
 
@@ -20,9 +21,10 @@ from agents.messages import EvalCounts
 class AgentGroupActor:
     """Plain class (testable without Ray); `RemoteAgentGroup` is its ray.remote form."""
 
-    def __init__(self, specs: Sequence[AgentSpec], public: PublicData, torch_threads: int) -> None:
+    def __init__(self, specs: Sequence[AgentSpec], public: PublicData, execution: ExecutionConfig) -> None:
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so "cuda" is the right one.
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.group = AgentGroup(specs, public, device, torch_threads)
+        self.group = AgentGroup(specs, public, replace(execution, device=device))
 
     def ready(self) -> dict[str, str]:
         """Answers once construction finished: where this group landed."""

@@ -58,6 +58,16 @@ class PublicData:
     test_y: np.ndarray  # [N_test] int64
 
 
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How an agent's math runs, never what it computes (results agree up to float rounding)."""
+
+    device: str  # "cpu" or "cuda[:N]"
+    torch_threads: int  # intra-op threads of the hosting process
+    channels_last: bool  # NHWC memory format for convolutions
+    compile: bool  # torch.compile the model (compiled once per process and shape, then cached)
+
+
 @dataclass
 class RoundTargets:
     """Distillation targets for one round's public batch, one per student head."""
@@ -73,16 +83,20 @@ class TrainingDivergedError(RuntimeError):
 class Agent:
     """An MHD agent; see DESIGN.md §2 for the loss it minimises."""
 
-    def __init__(self, spec: AgentSpec, public: PublicData, device: torch.device) -> None:
+    def __init__(self, spec: AgentSpec, public: PublicData, execution: ExecutionConfig) -> None:
         self.agent_id = spec.agent_id
         self.in_neighbours = spec.in_neighbours
         self.spec = spec
         self.public = public
-        self.device = device
+        self.device = device = torch.device(execution.device)
+        self.memory_format = torch.channels_last if execution.channels_last else torch.contiguous_format
         self.generator = torch.Generator().manual_seed(spec.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             self.model = MultiHeadModel(spec.model).to(device)
+            self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
+        # `forward` is what runs; `model` is what is saved (a compiled wrapper shares its parameters).
+        self.forward = torch.compile(self.model, dynamic=False) if execution.compile else self.model
         self.optimizer: torch.optim.Optimizer = instantiate(spec.train.optimizer, params=self.model.parameters())
         self.private_x = torch.tensor(spec.private_x, device=device)  # own copy: specs may be read-only
         self.private_y = torch.tensor(spec.private_y, device=device)
@@ -124,7 +138,7 @@ class Agent:
             pick = torch.randperm(len(public_batch), generator=self.generator)[: self.spec.train.distill_batch_size]
             pick = pick.to(self.device)
             x = torch.cat([x, public_batch[pick]])
-        logits, embedding = self.model(x)  # [heads, B + b, C], [B + b, D]
+        logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))  # [heads, B+b, C], [B+b, D]
         n_private = len(y)
         terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
         if targets is not None and pick is not None:
@@ -212,7 +226,8 @@ class Agent:
         """Logits of every head (and, when embedding distillation is on, P_i(e)) on a public batch."""
         self.model.eval()
         with torch.inference_mode():
-            logits, embedding = self.model(self.public_x[self._public_indices(batch_id)])
+            public_batch = self.public_x[self._public_indices(batch_id)]
+            logits, embedding = self.forward(public_batch.contiguous(memory_format=self.memory_format))
         dtype = MESSAGE_DTYPES[self.spec.message_dtype]
         embeddings = None
         if self.spec.distill is not None and self.spec.distill.nu_emb > 0:
@@ -235,7 +250,8 @@ class Agent:
             for start in range(0, len(test_y), self.spec.train.eval_batch_size):
                 x = torch.from_numpy(test_x[start : start + self.spec.train.eval_batch_size]).to(self.device)
                 y = test_y[start : start + self.spec.train.eval_batch_size]
-                predicted = self.model(x)[0].argmax(dim=-1).cpu().numpy()  # [heads, b]
+                logits = self.forward(x.contiguous(memory_format=self.memory_format))[0]  # [heads, b, C]
+                predicted = logits.argmax(dim=-1).cpu().numpy()  # [heads, b]
                 for head in range(self.model.num_heads):
                     hits = y[predicted[head] == y]
                     correct[head] += np.bincount(hits, minlength=num_classes)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.agent import Agent, AgentSpec, PublicData
+from agents.agent import Agent, AgentSpec, ExecutionConfig, PublicData
 from agents.messages import EvalCounts, Prediction, check_metrics
 
 Bundle = Mapping[int, Prediction]  # sender id -> its prediction on one public batch
@@ -24,13 +24,13 @@ Bundle = Mapping[int, Prediction]  # sender id -> its prediction on one public b
 class AgentGroup:
     """Hosts several agents; the unit a backend places on a worker process."""
 
-    def __init__(self, specs: Sequence[AgentSpec], public: PublicData, device: str, torch_threads: int) -> None:
-        torch.set_num_threads(torch_threads)
-        self.device = torch.device(device)
+    def __init__(self, specs: Sequence[AgentSpec], public: PublicData, execution: ExecutionConfig) -> None:
+        torch.set_num_threads(execution.torch_threads)
+        self.device = torch.device(execution.device)
         # One writable copy per process, shared by every agent here (arrays that arrive through
         # Ray's object store are read-only views).
         public = replace(public, public_x=np.array(public.public_x), test_x=np.array(public.test_x))
-        self.agents = {spec.agent_id: Agent(spec, public, self.device) for spec in specs}
+        self.agents = {spec.agent_id: Agent(spec, public, execution) for spec in specs}
 
     def run_round(
         self, round_idx: int, incoming: Iterable[Bundle], publish: bool

@@ -187,6 +187,8 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         startup_timeout_s=positive_number("runtime.startup_timeout_s", runtime.startup_timeout_s),
         round_timeout_s=positive_number("runtime.round_timeout_s", runtime.round_timeout_s),
         max_actor_restarts=non_negative_int("runtime.max_actor_restarts", runtime.max_actor_restarts),
+        channels_last=boolean("runtime.channels_last", runtime.channels_last),
+        compile=boolean("runtime.compile", runtime.compile),
     )
     check_gpus_exist(config, torch.cuda.is_available())
     check_cluster_address(config)

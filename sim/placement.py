@@ -29,6 +29,8 @@ class RuntimeConfig:
     startup_timeout_s: float  # how long actors may take to start before the run fails
     round_timeout_s: float  # how long one round may take before the run fails
     max_actor_restarts: int  # times Ray restarts a dead actor before the run fails
+    channels_last: bool  # NHWC memory format for convolutions (speed only)
+    compile: bool  # torch.compile each agent's model (speed only; first rounds pay the compile)
 
     @property
     def on_this_machine(self) -> bool:

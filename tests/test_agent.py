@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from agents.agent import Agent
+from agents.agent import Agent, ExecutionConfig
 from agents.messages import Prediction
 from sim.experiment import build_experiment
 from tests.conftest import TINY, make_config
@@ -13,7 +12,7 @@ from tests.conftest import TINY, make_config
 
 def _agent(*overrides: str, agent_id: int = 0) -> Agent:
     experiment = build_experiment(make_config(*TINY, *overrides))
-    return Agent(experiment.specs[agent_id], experiment.public, torch.device("cpu"))
+    return Agent(experiment.specs[agent_id], experiment.public, ExecutionConfig("cpu", 1, False, False))
 
 
 def test_an_isolated_agent_learns_its_own_classes_on_digits() -> None:
@@ -58,3 +57,17 @@ def test_an_agent_is_reproducible_from_its_spec() -> None:
     for agent in (first, second):
         agent.train_round(0, [])
     assert np.array_equal(first.predict(1).logits, second.predict(1).logits)
+
+
+def test_channels_last_computes_the_same_predictions() -> None:
+    """A speed option must not change what is computed (beyond float rounding)."""
+    experiment = build_experiment(make_config(*TINY))
+    plain, nhwc = (
+        Agent(experiment.specs[0], experiment.public, ExecutionConfig("cpu", 1, channels_last, False))
+        for channels_last in (False, True)
+    )
+    assert np.allclose(plain.predict(0).logits, nhwc.predict(0).logits, atol=1e-2)
+    for agent in (plain, nhwc):
+        agent.train_round(0, [])
+    assert np.allclose(plain.predict(1).logits, nhwc.predict(1).logits, atol=5e-2)
+    assert np.array_equal(plain.evaluate().seen, nhwc.evaluate().seen)

@@ -20,6 +20,8 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         startup_timeout_s=60.0,
         round_timeout_s=60.0,
         max_actor_restarts=0,
+        channels_last=False,
+        compile=False,
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

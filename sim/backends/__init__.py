@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from agents.agent import ExecutionConfig
 from sim.backends.base import Backend, GroupPlan
 from sim.backends.serial import SerialBackend
 from sim.placement import RuntimeConfig, plan_placement
@@ -20,7 +21,8 @@ __all__ = ["BACKENDS", "Backend", "GroupPlan", "create_backend"]
 def serial(runtime: RuntimeConfig, num_agents: int) -> tuple[Backend, list[list[int]]]:
     """Every agent in the driver process, as one group, using all cores for intra-op threads."""
     threads = runtime.torch_threads or os.cpu_count() or 1
-    return SerialBackend(threads, "cpu"), [list(range(num_agents))]
+    execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile)
+    return SerialBackend(execution), [list(range(num_agents))]
 
 
 @BACKENDS.register("ray")

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from agents.actor import RemoteAgentGroup
-from agents.agent import PublicData
+from agents.agent import ExecutionConfig, PublicData
 from agents.messages import EvalCounts
 from sim.backends.base import Backend, GroupPlan, WorkerLostError
 from sim.placement import Placement, RuntimeConfig
@@ -35,6 +35,9 @@ class RayBackend(Backend):
         self.runtime = runtime
         self.placement = placement
         self.owns_ray = owns_ray  # started Ray itself, so stops it on shutdown
+        self.execution = ExecutionConfig(
+            "cpu", placement.torch_threads, runtime.channels_last, runtime.compile
+        )  # each actor swaps in "cuda" when Ray gave it a GPU
         self.actors: list[Any] = []
         self.plans: list[GroupPlan] = []
         self.bundle_refs: list[ray.ObjectRef | None] = []
@@ -52,7 +55,7 @@ class RayBackend(Backend):
             "max_task_retries": 0,  # a lost call surfaces as WorkerLostError; the loop rolls back
         }
         self.actors = [
-            RemoteAgentGroup.options(**options).remote(plan.specs, self.public_ref, self.placement.torch_threads)
+            RemoteAgentGroup.options(**options).remote(plan.specs, self.public_ref, self.execution)
             for plan in self.plans
         ]
         self._wait_ready()

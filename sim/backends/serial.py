@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from agents.agent import PublicData
+from agents.agent import ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
 from agents.messages import EvalCounts
 from sim.backends.base import Backend, GroupPlan
@@ -14,16 +14,15 @@ from sim.backends.base import Backend, GroupPlan
 class SerialBackend(Backend):
     """Same groups and routing as the Ray backend, without processes or an object store."""
 
-    def __init__(self, torch_threads: int, device: str) -> None:
-        self.torch_threads = torch_threads
-        self.device = device
+    def __init__(self, execution: ExecutionConfig) -> None:
+        self.execution = execution
         self.groups: list[AgentGroup] = []
         self.plans: list[GroupPlan] = []
         self.bundles: list[Bundle] = []
 
     def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
         self.plans = list(plans)
-        self.groups = [AgentGroup(plan.specs, public, self.device, self.torch_threads) for plan in self.plans]
+        self.groups = [AgentGroup(plan.specs, public, self.execution) for plan in self.plans]
         self.bundles = [{} for _ in self.plans]
 
     def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
@@ -55,4 +54,4 @@ class SerialBackend(Backend):
         self.bundles = []
 
     def describe(self) -> dict[str, object]:
-        return {"backend": "serial", "workers": len(self.groups), "torch_threads": self.torch_threads}
+        return {"backend": "serial", "workers": len(self.groups), "torch_threads": self.execution.torch_threads}
