@@ -132,6 +132,7 @@ class RayBackend(Backend):
             "nodes": sorted({location["node_id"] for location in self.locations}),
             "torch_threads": self.placement.torch_threads,
             "pids": [int(location["pid"]) for location in self.locations],
+            "devices": [location["device"] for location in self.locations],
         }
 
 

@@ -1,0 +1,82 @@
+"""scripts/bench.py runs every mode end to end and writes the JSON its readers rely on (no timing checks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+# Three agents (a ring needs 3) on 8x8 images: the two Ray start-ups (~10 s each on 2 cores) dominate.
+TINY_BENCH = [
+    "--preset=k8",
+    "num_agents=3",
+    "backbone=small_cnn",
+    "data.image_shape=[1,8,8]",
+    "data.public_size=100",
+    "data.public_batch_size=32",
+    "data.num_test=50",
+    "train.local_steps=1",
+    "train.batch_size=8",
+    "train.distill_batch_size=8",
+    "runtime.num_cpus=2",  # also the CPUs of the session's shared Ray, if another test started it
+    "--samples-per-agent=20",
+    "--rounds=1",
+    "--burn-in=1",
+    "--modes=raw,serial,ray,ray_one_per_actor",
+]
+
+MODE_KEYS = {
+    "overrides",
+    "build_s",
+    "startup_s",
+    "ray_started_here",
+    "round_s",
+    "round_s_mean",
+    "samples_per_round",
+    "samples_per_s",
+    "peak_rss_mib",
+    "driver_peak_reset",
+    "placement",
+    "round_vs_raw",
+    "startup_vs_raw",
+}
+
+
+def _load_bench() -> ModuleType:
+    """scripts/ is not a package, so the script is loaded from its file."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        returned = _load_bench().main([*TINY_BENCH, f"--out={out}"])
+    finally:
+        torch.set_num_threads(threads)  # the raw mode sets it process-wide
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned))
+    assert set(report) == {
+        "preset", "overrides", "burn_in", "rounds", "machine", "sizes", "samples_formula", "notes", "modes"
+    }  # fmt: skip
+    assert {"cpu_count", "platform", "torch", "ray"} <= set(report["machine"])
+    assert "data.num_train=160" in report["overrides"]  # 20 per agent x 3 agents + the 100 public samples
+    assert list(report["modes"]) == ["raw", "serial", "ray", "ray_one_per_actor"]
+    for mode, result in report["modes"].items():
+        assert set(result) == MODE_KEYS, mode
+        assert set(result["peak_rss_mib"]) == {"driver", "workers", "total"}
+        assert result["samples_per_round"] == 3 * 1 * (8 + 8)  # K x local_steps x (batch + distill batch)
+    assert report["modes"]["raw"]["round_vs_raw"] == 1.0
+    assert len(report["modes"]["ray_one_per_actor"]["peak_rss_mib"]["workers"]) == 3  # one actor per agent
+    assert "runtime.agents_per_actor=1" in report["modes"]["ray_one_per_actor"]["overrides"]
