@@ -14,7 +14,8 @@ from dataclasses import replace
 import ray
 
 from agents.agent import AgentSpec, ExecutionConfig, PublicData
-from agents.group import AgentGroup, Bundle
+from agents.group import Bundle
+from agents.hosting import build_group
 from agents.messages import EvalCounts
 
 
@@ -24,7 +25,7 @@ class AgentGroupActor:
     def __init__(self, specs: Sequence[AgentSpec], public: PublicData, execution: ExecutionConfig) -> None:
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so "cuda" is the right one.
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.group = AgentGroup(specs, public, replace(execution, device=device))
+        self.group = build_group(specs, public, replace(execution, device=device))
 
     def ready(self) -> dict[str, str]:
         """Answers once construction finished: where this group landed."""

@@ -66,6 +66,7 @@ class ExecutionConfig:
     torch_threads: int  # intra-op threads of the hosting process
     channels_last: bool  # NHWC memory format for convolutions
     compile: bool  # torch.compile the model (compiled once per process and shape, then cached)
+    vectorize: bool  # step a process's agents together with torch.func.vmap (agents/vectorized.py)
 
 
 @dataclass
@@ -124,20 +125,33 @@ class Agent:
             terms = self._train_step(public_batch, targets)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
-        if not math.isfinite(sums["loss/total"]):
+        steps = self.spec.train.local_steps
+        return self.checked_means(round_idx, {name: total / steps for name, total in sums.items()})
+
+    def checked_means(self, round_idx: int, means: dict[str, float]) -> dict[str, float]:
+        """The round's mean losses, or TrainingDivergedError when the total is not finite."""
+        if not math.isfinite(means["loss/total"]):
             raise TrainingDivergedError(
-                f"agent {self.agent_id} diverged in round {round_idx} (loss/total={sums['loss/total']}); "
+                f"agent {self.agent_id} diverged in round {round_idx} (loss/total={means['loss/total']}); "
                 f"lower train.optimizer.lr (now {self.spec.train.optimizer.get('lr')})"
             )
-        return {name: total / self.spec.train.local_steps for name, total in sums.items()}
+        return means
+
+    def step_batch(self, public_batch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The next step's inputs: private minibatch, then (when distilling) a public minibatch.
+
+        Returns x [B + b, C, H, W], y [B] and the public samples picked (indices into the round's
+        public batch), all drawn from this agent's own generator in a fixed order.
+        """
+        x, y = self._next_private_batch()
+        if public_batch is None:
+            return x, y, None
+        pick = torch.randperm(len(public_batch), generator=self.generator)[: self.spec.train.distill_batch_size]
+        pick = pick.to(self.device)
+        return torch.cat([x, public_batch[pick]]), y, pick
 
     def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets | None) -> dict[str, torch.Tensor]:
-        x, y = self._next_private_batch()
-        pick = None
-        if public_batch is not None:
-            pick = torch.randperm(len(public_batch), generator=self.generator)[: self.spec.train.distill_batch_size]
-            pick = pick.to(self.device)
-            x = torch.cat([x, public_batch[pick]])
+        x, y, pick = self.step_batch(public_batch)
         logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))  # [heads, B+b, C], [B+b, D]
         n_private = len(y)
         terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
@@ -228,14 +242,18 @@ class Agent:
         with torch.inference_mode():
             public_batch = self.public_x[self._public_indices(batch_id)]
             logits, embedding = self.forward(public_batch.contiguous(memory_format=self.memory_format))
+            projected = None
+            if self.spec.distill is not None and self.spec.distill.nu_emb > 0:
+                projected = self.model.project(embedding)
+        return self.publish(batch_id, logits, projected)
+
+    def publish(self, batch_id: int, logits: torch.Tensor, projected: torch.Tensor | None) -> Prediction:
+        """Wrap logits [heads, P, C] (and P_i(e) [P, D]) as this agent's outgoing message."""
         dtype = MESSAGE_DTYPES[self.spec.message_dtype]
-        embeddings = None
-        if self.spec.distill is not None and self.spec.distill.nu_emb > 0:
-            with torch.inference_mode():
-                embeddings = self.model.project(embedding).cpu().numpy().astype(dtype)
         payload = logits.cpu().numpy().astype(dtype)
         if not np.isfinite(payload).all():
             raise TrainingDivergedError(f"agent {self.agent_id}'s logits do not fit {dtype} (round {batch_id - 1})")
+        embeddings = None if projected is None else projected.cpu().numpy().astype(dtype)
         message = Prediction(self.agent_id, batch_id, payload, embeddings)
         self.last_published = message
         return message

@@ -46,19 +46,26 @@ class AgentGroup:
         Returns:
             (metrics per agent id, outgoing predictions per agent id).
         """
-        by_sender: dict[int, Prediction] = {}
-        for bundle in incoming:
-            by_sender.update(bundle)
+        inboxes = self.inboxes(incoming)
         metrics: dict[int, dict[str, float]] = {}
         for agent_id, agent in self.agents.items():
-            inbox = [by_sender[sender] for sender in agent.in_neighbours if sender in by_sender]
-            metrics[agent_id] = check_metrics(agent.train_round(round_idx, inbox))
+            metrics[agent_id] = check_metrics(agent.train_round(round_idx, inboxes[agent_id]))
         outgoing: dict[int, Prediction] = {}
         if publish:
             for agent_id, agent in self.agents.items():
                 outgoing[agent_id] = agent.predict(round_idx + 1)
                 metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
         return metrics, outgoing
+
+    def inboxes(self, incoming: Iterable[Bundle]) -> dict[int, list[Prediction]]:
+        """Each hosted agent's in-neighbours' predictions, picked out of the incoming bundles."""
+        by_sender: dict[int, Prediction] = {}
+        for bundle in incoming:
+            by_sender.update(bundle)
+        return {
+            agent_id: [by_sender[sender] for sender in agent.in_neighbours if sender in by_sender]
+            for agent_id, agent in self.agents.items()
+        }
 
     def evaluate(self) -> dict[int, EvalCounts]:
         """Test-set counts per agent id."""

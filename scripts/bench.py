@@ -103,7 +103,7 @@ class RawLoop:
     def __init__(self, experiment: Experiment, threads: int) -> None:
         torch.set_num_threads(threads)
         runtime = experiment.runtime
-        execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile)
+        execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile, runtime.vectorize)
         self.threads = threads
         self.agents = [Agent(spec, experiment.public, execution) for spec in experiment.specs]
         distill = experiment.method.distill

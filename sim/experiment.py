@@ -189,6 +189,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         max_actor_restarts=non_negative_int("runtime.max_actor_restarts", runtime.max_actor_restarts),
         channels_last=boolean("runtime.channels_last", runtime.channels_last),
         compile=boolean("runtime.compile", runtime.compile),
+        vectorize=boolean("runtime.vectorize", runtime.vectorize),
     )
     check_gpus_exist(config, torch.cuda.is_available())
     check_cluster_address(config)

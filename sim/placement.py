@@ -31,6 +31,7 @@ class RuntimeConfig:
     max_actor_restarts: int  # times Ray restarts a dead actor before the run fails
     channels_last: bool  # NHWC memory format for convolutions (speed only)
     compile: bool  # torch.compile each agent's model (speed only; first rounds pay the compile)
+    vectorize: bool  # vmap a process's homogeneous agents together (an option to prove on GPU)
 
     @property
     def on_this_machine(self) -> bool:

@@ -16,6 +16,7 @@ import networkx as nx
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from agents.vectorized import check_vectorizable
 from sim.backends import BACKENDS, create_backend
 from sim.checkpoint import Checkpoint, CheckpointStore
 from sim.errors import ConfigError
@@ -45,6 +46,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
     try:
         plans = group_plans(experiment, groups)
+        if experiment.runtime.vectorize:  # before any worker starts
+            for plan in plans:
+                check_vectorizable(plan.specs)
         if resume_from is None:
             write_run_files(run_dir, cfg, experiment)
         sinks += LOGGERS.get(str(cfg.logger.name))(_plain(cfg.logger), run_dir)

@@ -12,7 +12,7 @@ from tests.conftest import TINY, make_config
 
 def _agent(*overrides: str, agent_id: int = 0) -> Agent:
     experiment = build_experiment(make_config(*TINY, *overrides))
-    return Agent(experiment.specs[agent_id], experiment.public, ExecutionConfig("cpu", 1, False, False))
+    return Agent(experiment.specs[agent_id], experiment.public, ExecutionConfig("cpu", 1, False, False, False))
 
 
 def test_an_isolated_agent_learns_its_own_classes_on_digits() -> None:
@@ -63,7 +63,7 @@ def test_channels_last_computes_the_same_predictions() -> None:
     """A speed option must not change what is computed (beyond float rounding)."""
     experiment = build_experiment(make_config(*TINY))
     plain, nhwc = (
-        Agent(experiment.specs[0], experiment.public, ExecutionConfig("cpu", 1, channels_last, False))
+        Agent(experiment.specs[0], experiment.public, ExecutionConfig("cpu", 1, channels_last, False, False))
         for channels_last in (False, True)
     )
     assert np.allclose(plain.predict(0).logits, nhwc.predict(0).logits, atol=1e-2)

@@ -22,6 +22,7 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         max_actor_restarts=0,
         channels_last=False,
         compile=False,
+        vectorize=False,
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ __all__ = ["BACKENDS", "Backend", "GroupPlan", "create_backend"]
 def serial(runtime: RuntimeConfig, num_agents: int) -> tuple[Backend, list[list[int]]]:
     """Every agent in the driver process, as one group, using all cores for intra-op threads."""
     threads = runtime.torch_threads or os.cpu_count() or 1
-    execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile)
+    execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile, runtime.vectorize)
     return SerialBackend(execution), [list(range(num_agents))]
 
 

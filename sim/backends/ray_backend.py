@@ -36,7 +36,7 @@ class RayBackend(Backend):
         self.placement = placement
         self.owns_ray = owns_ray  # started Ray itself, so stops it on shutdown
         self.execution = ExecutionConfig(
-            "cpu", placement.torch_threads, runtime.channels_last, runtime.compile
+            "cpu", placement.torch_threads, runtime.channels_last, runtime.compile, runtime.vectorize
         )  # each actor swaps in "cuda" when Ray gave it a GPU
         self.actors: list[Any] = []
         self.plans: list[GroupPlan] = []

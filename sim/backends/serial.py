@@ -7,6 +7,7 @@ from pathlib import Path
 
 from agents.agent import ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
+from agents.hosting import build_group
 from agents.messages import EvalCounts
 from sim.backends.base import Backend, GroupPlan
 
@@ -22,7 +23,7 @@ class SerialBackend(Backend):
 
     def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
         self.plans = list(plans)
-        self.groups = [AgentGroup(plan.specs, public, self.execution) for plan in self.plans]
+        self.groups = [build_group(plan.specs, public, self.execution) for plan in self.plans]
         self.bundles = [{} for _ in self.plans]
 
     def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
