@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import networkx as nx
@@ -50,24 +50,6 @@ traffic; a larger value is far more likely a slip (a round count in the wrong ke
 
 
 @dataclass(frozen=True)
-class Experiment:
-    """A fully validated run, ready to be placed on a backend."""
-
-    num_agents: int
-    rounds: int
-    eval_every: int
-    seed: int
-    method_name: str
-    method: MethodPlan
-    graph: nx.DiGraph  # edge u -> v: v distils from u's predictions
-    class_counts: np.ndarray  # [K, C] private samples per agent and class
-    specs: list[AgentSpec]  # one per model (a single one for the central method)
-    public: PublicData
-    runtime: RuntimeConfig
-    dataset: str
-
-
-@dataclass(frozen=True)
 class Settings:
     """What a config fixes without reading any data; `check_config` builds it."""
 
@@ -82,6 +64,16 @@ class Settings:
     train: TrainConfig
     public_size: int
     public_batch_size: int
+
+
+@dataclass(frozen=True)
+class Experiment(Settings):
+    """A fully validated run, ready to be placed on a backend: the settings plus the data."""
+
+    class_counts: np.ndarray  # [K, C] private samples per agent and class
+    specs: list[AgentSpec]  # one per model (a single one for the central method)
+    public: PublicData
+    dataset: str
 
 
 def check_config(cfg: DictConfig) -> Settings:
@@ -158,20 +150,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     public = PublicData(
         split.public_x, settings.public_batch_size, derive_seed(seed, "public_schedule"), splits.test.x, splits.test.y
     )
-    return Experiment(
-        num_agents,
-        settings.rounds,
-        settings.eval_every,
-        seed,
-        settings.method_name,
-        method,
-        graph,
-        class_counts,
-        specs,
-        public,
-        settings.runtime,
-        splits.name,
-    )
+    fixed = {field.name: getattr(settings, field.name) for field in fields(Settings)}
+    fixed["graph"] = graph  # emptied for methods without messages
+    return Experiment(**fixed, class_counts=class_counts, specs=specs, public=public, dataset=splits.name)
 
 
 def runtime_config(runtime: DictConfig) -> RuntimeConfig:
