@@ -67,6 +67,7 @@ class ExecutionConfig:
     channels_last: bool  # NHWC memory format for convolutions
     compile: bool  # torch.compile the model (compiled once per process and shape, then cached)
     vectorize: bool  # step a process's agents together with torch.func.vmap (agents/vectorized.py)
+    bf16: bool  # bfloat16 autocast for forward passes (losses stay float32); changes numerics, not the method
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Agent:
             self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
         # `forward` is what runs; `model` is what is saved (a compiled wrapper shares its parameters).
         self.forward = torch.compile(self.model, dynamic=False) if execution.compile else self.model
+        self.bf16 = execution.bf16
         self.optimizer: torch.optim.Optimizer = instantiate(spec.train.optimizer, params=self.model.parameters())
         self.private_x = torch.tensor(spec.private_x, device=device)  # own copy: specs may be read-only
         self.private_y = torch.tensor(spec.private_y, device=device)
@@ -152,7 +154,10 @@ class Agent:
 
     def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets | None) -> dict[str, torch.Tensor]:
         x, y, pick = self.step_batch(public_batch)
-        logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))  # [heads, B+b, C], [B+b, D]
+        with self.autocast():
+            logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))
+        if self.bf16:  # losses in float32
+            logits, embedding = logits.float(), embedding.float()  # [heads, B+b, C], [B+b, D]
         n_private = len(y)
         terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
         if targets is not None and pick is not None:
@@ -239,7 +244,7 @@ class Agent:
     def predict(self, batch_id: int) -> Prediction:
         """Logits of every head (and, when embedding distillation is on, P_i(e)) on a public batch."""
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             public_batch = self.public_x[self._public_indices(batch_id)]
             logits, embedding = self.forward(public_batch.contiguous(memory_format=self.memory_format))
             projected = None
@@ -250,10 +255,10 @@ class Agent:
     def publish(self, batch_id: int, logits: torch.Tensor, projected: torch.Tensor | None) -> Prediction:
         """Wrap logits [heads, P, C] (and P_i(e) [P, D]) as this agent's outgoing message."""
         dtype = MESSAGE_DTYPES[self.spec.message_dtype]
-        payload = logits.cpu().numpy().astype(dtype)
+        payload = logits.float().cpu().numpy().astype(dtype)
         if not np.isfinite(payload).all():
             raise TrainingDivergedError(f"agent {self.agent_id}'s logits do not fit {dtype} (round {batch_id - 1})")
-        embeddings = None if projected is None else projected.cpu().numpy().astype(dtype)
+        embeddings = None if projected is None else projected.float().cpu().numpy().astype(dtype)
         message = Prediction(self.agent_id, batch_id, payload, embeddings)
         self.last_published = message
         return message
@@ -268,13 +273,18 @@ class Agent:
             for start in range(0, len(test_y), self.spec.train.eval_batch_size):
                 x = torch.from_numpy(test_x[start : start + self.spec.train.eval_batch_size]).to(self.device)
                 y = test_y[start : start + self.spec.train.eval_batch_size]
-                logits = self.forward(x.contiguous(memory_format=self.memory_format))[0]  # [heads, b, C]
+                with self.autocast():
+                    logits = self.forward(x.contiguous(memory_format=self.memory_format))[0]  # [heads, b, C]
                 predicted = logits.argmax(dim=-1).cpu().numpy()  # [heads, b]
                 for head in range(self.model.num_heads):
                     hits = y[predicted[head] == y]
                     correct[head] += np.bincount(hits, minlength=num_classes)
         seen = np.bincount(test_y, minlength=num_classes).astype(np.int64)
         return EvalCounts(correct, seen)
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast when `runtime.bf16` (a no-op context otherwise)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _public_indices(self, batch_id: int) -> torch.Tensor:
         indices = public_batch_indices(

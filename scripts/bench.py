@@ -50,11 +50,12 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from agents.agent import Agent, ExecutionConfig
+from agents.agent import Agent
 from agents.messages import Prediction
 from sim.backends import create_backend
 from sim.errors import ConfigError
 from sim.experiment import Experiment, build_experiment
+from sim.placement import execution_config
 from sim.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
 from sim.simulation import group_plans
 
@@ -103,7 +104,7 @@ class RawLoop:
     def __init__(self, experiment: Experiment, threads: int) -> None:
         torch.set_num_threads(threads)
         runtime = experiment.runtime
-        execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile, runtime.vectorize)
+        execution = execution_config(runtime, threads)
         self.threads = threads
         self.agents = [Agent(spec, experiment.public, execution) for spec in experiment.specs]
         distill = experiment.method.distill

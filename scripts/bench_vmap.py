@@ -114,7 +114,9 @@ def max_logit_gap(first: dict[int, Prediction], second: dict[int, Prediction]) -
 def run_preset(name: str, extras: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     overrides = [*PRESETS[name], "method.message_dtype=float32", *extras]
     experiment = build(overrides)
-    execution = ExecutionConfig(args.device, args.threads, False, False, False)
+    execution = ExecutionConfig(
+        device=args.device, torch_threads=args.threads, channels_last=False, compile=False, vectorize=False, bf16=False
+    )
     results: dict[str, Any] = {}
     bundles = {}
     for mode in MODES:

@@ -171,6 +171,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         channels_last=boolean("runtime.channels_last", runtime.channels_last),
         compile=boolean("runtime.compile", runtime.compile),
         vectorize=boolean("runtime.vectorize", runtime.vectorize),
+        bf16=boolean("runtime.bf16", runtime.bf16),
     )
     check_gpus_exist(config, torch.cuda.is_available())
     check_cluster_address(config)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agents.agent import ExecutionConfig
 from sim.errors import ConfigError
 
 
@@ -32,6 +33,7 @@ class RuntimeConfig:
     channels_last: bool  # NHWC memory format for convolutions (speed only)
     compile: bool  # torch.compile each agent's model (speed only; first rounds pay the compile)
     vectorize: bool  # vmap a process's homogeneous agents together (an option to prove on GPU)
+    bf16: bool  # bfloat16 autocast of forward passes (speed; numerics change, see docs/performance.md)
 
     @property
     def on_this_machine(self) -> bool:
@@ -88,6 +90,18 @@ class Placement:
     num_cpus_per_group: float
     num_gpus_per_group: float
     torch_threads: int
+
+
+def execution_config(runtime: RuntimeConfig, threads: int) -> ExecutionConfig:
+    """How agents' math runs in a worker (device "cpu"; an actor with a GPU swaps in "cuda")."""
+    return ExecutionConfig(
+        device="cpu",
+        torch_threads=threads,
+        channels_last=runtime.channels_last,
+        compile=runtime.compile,
+        vectorize=runtime.vectorize,
+        bf16=runtime.bf16,
+    )
 
 
 def plan_placement(num_agents: int, runtime: RuntimeConfig, cpus: float, gpus: float) -> Placement:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from agents.agent import Agent, ExecutionConfig
@@ -9,10 +11,12 @@ from agents.messages import Prediction
 from sim.experiment import build_experiment
 from tests.conftest import TINY, make_config
 
+PLAIN = ExecutionConfig(device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False)
+
 
 def _agent(*overrides: str, agent_id: int = 0) -> Agent:
     experiment = build_experiment(make_config(*TINY, *overrides))
-    return Agent(experiment.specs[agent_id], experiment.public, ExecutionConfig("cpu", 1, False, False, False))
+    return Agent(experiment.specs[agent_id], experiment.public, PLAIN)
 
 
 def test_an_isolated_agent_learns_its_own_classes_on_digits() -> None:
@@ -63,7 +67,7 @@ def test_channels_last_computes_the_same_predictions() -> None:
     """A speed option must not change what is computed (beyond float rounding)."""
     experiment = build_experiment(make_config(*TINY))
     plain, nhwc = (
-        Agent(experiment.specs[0], experiment.public, ExecutionConfig("cpu", 1, channels_last, False, False))
+        Agent(experiment.specs[0], experiment.public, replace(PLAIN, channels_last=channels_last))
         for channels_last in (False, True)
     )
     assert np.allclose(plain.predict(0).logits, nhwc.predict(0).logits, atol=1e-2)
@@ -71,3 +75,18 @@ def test_channels_last_computes_the_same_predictions() -> None:
         agent.train_round(0, [])
     assert np.allclose(plain.predict(1).logits, nhwc.predict(1).logits, atol=5e-2)
     assert np.array_equal(plain.evaluate().seen, nhwc.evaluate().seen)
+
+
+def test_bf16_autocast_learns_like_float32() -> None:
+    """bf16 changes numerics (not the method): same predictions to bf16 precision, still learns."""
+    experiment = build_experiment(make_config(*TINY, "method=isolated", "train.local_steps=20"))
+    plain, bf16 = (
+        Agent(experiment.specs[0], experiment.public, replace(PLAIN, bf16=enabled)) for enabled in (False, True)
+    )
+    assert np.allclose(plain.predict(0).logits, bf16.predict(0).logits, atol=0.1)
+    for round_idx in range(3):
+        for agent in (plain, bf16):
+            losses = agent.train_round(round_idx, [])
+    assert losses["loss/ce"] < 0.5  # bf16's last round
+    accuracies = [agent.evaluate().correct[0].sum() / agent.evaluate().seen.sum() for agent in (plain, bf16)]
+    assert abs(accuracies[0] - accuracies[1]) < 0.05

@@ -24,7 +24,11 @@ pytestmark = [
 
 def test_an_agent_trains_and_predicts_on_the_gpu() -> None:
     experiment = build_experiment(make_config(*TINY))
-    agent = Agent(experiment.specs[0], experiment.public, ExecutionConfig("cuda", 1, True, False, False))
+    agent = Agent(
+        experiment.specs[0],
+        experiment.public,
+        ExecutionConfig(device="cuda", torch_threads=1, channels_last=True, compile=False, vectorize=False, bf16=False),
+    )
     losses = agent.train_round(0, [])
     assert losses["loss/ce"] > 0
     assert next(agent.model.parameters()).is_cuda

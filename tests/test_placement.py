@@ -23,6 +23,7 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         channels_last=False,
         compile=False,
         vectorize=False,
+        bf16=False,
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

@@ -19,7 +19,9 @@ from sim.experiment import Experiment, build_experiment
 from sim.run import run
 from tests.conftest import TINY, make_config
 
-EXECUTION = ExecutionConfig("cpu", 1, False, False, False)
+EXECUTION = ExecutionConfig(
+    device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False
+)
 ROUNDS = 3
 
 PARITY_CASES = {

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from agents.agent import ExecutionConfig
 from sim.backends.base import Backend, GroupPlan
 from sim.backends.serial import SerialBackend
-from sim.placement import RuntimeConfig, plan_placement
+from sim.placement import RuntimeConfig, execution_config, plan_placement
 from sim.registry import Registry
 
 BackendFactory = Callable[[RuntimeConfig, int], tuple[Backend, list[list[int]]]]
@@ -21,8 +20,7 @@ __all__ = ["BACKENDS", "Backend", "GroupPlan", "create_backend"]
 def serial(runtime: RuntimeConfig, num_agents: int) -> tuple[Backend, list[list[int]]]:
     """Every agent in the driver process, as one group, using all cores for intra-op threads."""
     threads = runtime.torch_threads or os.cpu_count() or 1
-    execution = ExecutionConfig("cpu", threads, runtime.channels_last, runtime.compile, runtime.vectorize)
-    return SerialBackend(execution), [list(range(num_agents))]
+    return SerialBackend(execution_config(runtime, threads)), [list(range(num_agents))]
 
 
 @BACKENDS.register("ray")

@@ -18,10 +18,10 @@ from typing import Any
 import ray
 
 from agents.actor import RemoteAgentGroup
-from agents.agent import ExecutionConfig, PublicData
+from agents.agent import PublicData
 from agents.messages import EvalCounts
 from sim.backends.base import Backend, GroupPlan, WorkerLostError
-from sim.placement import Placement, RuntimeConfig
+from sim.placement import Placement, RuntimeConfig, execution_config
 
 
 class ActorStartupError(RuntimeError):
@@ -35,9 +35,7 @@ class RayBackend(Backend):
         self.runtime = runtime
         self.placement = placement
         self.owns_ray = owns_ray  # started Ray itself, so stops it on shutdown
-        self.execution = ExecutionConfig(
-            "cpu", placement.torch_threads, runtime.channels_last, runtime.compile, runtime.vectorize
-        )  # each actor swaps in "cuda" when Ray gave it a GPU
+        self.execution = execution_config(runtime, placement.torch_threads)  # actors swap in "cuda" for a GPU
         self.actors: list[Any] = []
         self.plans: list[GroupPlan] = []
         self.bundle_refs: list[ray.ObjectRef | None] = []
