@@ -181,10 +181,17 @@ def final_summary(
         "round_time_s_mean": sum(state.round_times_s) / max(len(state.round_times_s), 1),
         "comm_bytes_total": state.comm_bytes_total,
         "comm_bytes_per_round": state.comm_bytes_total / experiment.rounds,
+        "comm_bytes_per_edge_per_round": per_edge_per_round(experiment, state.comm_bytes_total),
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
         "final": {"round": last["round"], "heads": last["heads"], "per_agent": last["per_agent"]},
     }
+
+
+def per_edge_per_round(experiment: Experiment, comm_bytes_total: int) -> float:
+    """One message's bytes: predictions travel on every edge in every round but the last."""
+    edge_rounds = experiment.graph.number_of_edges() * (experiment.rounds - 1)
+    return comm_bytes_total / edge_rounds if edge_rounds else 0.0
 
 
 def interrupted_summary(

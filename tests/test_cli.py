@@ -37,6 +37,7 @@ def test_a_run_writes_every_artifact_and_prints_the_head_table(tmp_path: Path) -
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 3
     assert summary["comm_bytes_total"] > 0 and summary["wall_time_s"] > 0
+    assert summary["comm_bytes_per_edge_per_round"] == 4 * 128 * 10 * 2  # heads x public batch x classes x fp16
     assert set(summary["final"]["heads"]) == {"main", "aux1", "aux2", "aux3"}
     for head in summary["final"]["heads"].values():
         assert 0.0 <= head["shared_acc"] <= 1.0 and 0.0 <= head["private_acc"] <= 1.0
