@@ -14,10 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from agents.losses import DistillConfig, TeacherChoice, choose_teacher, distillation_kl
+from agents.losses import (
+    EMBEDDING_TERM,
+    DistillConfig,
+    TeacherChoice,
+    choose_teacher,
+    head_term,
+    mhd_terms,
+    weighted_total,
+)
 from agents.messages import MESSAGE_DTYPES, EvalCounts, Prediction
 from agents.model import ModelConfig, MultiHeadModel, head_names
 from agents.public import public_batch_indices
@@ -70,12 +77,9 @@ class ExecutionConfig:
     bf16: bool  # bfloat16 autocast for forward passes (losses stay float32); changes numerics, not the method
 
 
-@dataclass
-class RoundTargets:
-    """Distillation targets for one round's public batch, one per student head."""
-
-    heads: list[TeacherChoice | None]  # None: no candidate teacher for that head
-    embedding: torch.Tensor | None  # [P, D] target for P_i(e_i(u)), or None
+RoundTargets = dict[str, torch.Tensor]
+"""Loss-term name -> its target on the whole round's public batch: [P, C] per head, [P, D] for
+the embedding. Empty when the agent has no teacher this round."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -110,6 +114,8 @@ class Agent:
         # agent re-sends after a restore (its in-flight contribution to its neighbours' inboxes).
         self.last_published: Prediction | None = None
         self.heads = head_names(self.model.num_heads)
+        self.head_of_term = {head_term(name): head for head, name in enumerate(self.heads)}
+        self.temperature = None if spec.distill is None else spec.distill.temperature
 
     # ---- training -------------------------------------------------------------------------
 
@@ -119,8 +125,8 @@ class Agent:
         The inbox holds in-neighbours' predictions on public batch `round_idx`, made at the end
         of the previous round (one round stale). Returns the mean of every loss term.
         """
-        targets = self._round_targets(round_idx, inbox)
-        public_batch = self.public_x[self._public_indices(round_idx)] if targets else None
+        targets = self.round_targets(round_idx, inbox)
+        public_batch = self.public_batch(round_idx) if targets else None
         sums: dict[str, float] = {}
         self.model.train()
         for _ in range(self.spec.train.local_steps):
@@ -152,46 +158,29 @@ class Agent:
         pick = pick.to(self.device)
         return torch.cat([x, public_batch[pick]]), y, pick
 
-    def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets | None) -> dict[str, torch.Tensor]:
+    def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets) -> dict[str, torch.Tensor]:
         x, y, pick = self.step_batch(public_batch)
         with self.autocast():
             logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))
         if self.bf16:  # losses in float32
             logits, embedding = logits.float(), embedding.float()  # [heads, B+b, C], [B+b, D]
-        n_private = len(y)
-        terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
-        if targets is not None and pick is not None:
-            terms.update(self._distillation_terms(logits[:, n_private:], embedding[n_private:], targets, pick))
-        weights = self._term_weights()
-        total = torch.stack([weights[name] * value for name, value in terms.items()]).sum()
+        picked = {} if pick is None else {name: target[pick] for name, target in targets.items()}
+        terms = mhd_terms(logits, embedding, y, picked, self.head_of_term, self.temperature, self.model.project)
+        total = weighted_total(terms, self.term_weights())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         terms["loss/total"] = total
         return terms
 
-    def _distillation_terms(
-        self, student: torch.Tensor, embedding: torch.Tensor, targets: RoundTargets, pick: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        distill = self.spec.distill
-        assert distill is not None
-        terms: dict[str, torch.Tensor] = {}
-        for head, choice in enumerate(targets.heads):
-            if choice is not None:
-                name = "loss/kl_main" if head == 0 else f"loss/kl_{self.heads[head]}"
-                terms[name] = distillation_kl(student[head], choice.probs[pick], distill.temperature)
-        if targets.embedding is not None:
-            diff = self.model.project(embedding) - targets.embedding[pick]
-            terms["loss/emb"] = diff.pow(2).sum(dim=-1).mean()
-        return terms
-
-    def _term_weights(self) -> dict[str, float]:
+    def term_weights(self) -> dict[str, float]:
+        """Weight of every loss term this agent can have: 1 for CE, then nu_main, nu_aux, nu_emb."""
         distill = self.spec.distill
         weights = {"loss/ce": 1.0}
         if distill is not None:
-            weights["loss/kl_main"] = distill.nu_main
-            weights.update({f"loss/kl_{name}": distill.nu_aux for name in self.heads[1:]})
-            weights["loss/emb"] = distill.nu_emb
+            weights[head_term(self.heads[0])] = distill.nu_main
+            weights.update({head_term(name): distill.nu_aux for name in self.heads[1:]})
+            weights[EMBEDDING_TERM] = distill.nu_emb
         return weights
 
     def _next_private_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,27 +193,30 @@ class Agent:
         self._cursor += size
         return self.private_x[index], self.private_y[index]
 
-    def _round_targets(self, round_idx: int, inbox: Sequence[Prediction]) -> RoundTargets | None:
+    def round_targets(self, round_idx: int, inbox: Sequence[Prediction]) -> RoundTargets:
         """Per-head teachers for this round: head 0 from heads 0, head k from heads k-1."""
         distill = self.spec.distill
         if distill is None:
-            return None
+            return {}
         candidates = [message for message in inbox if message.batch_id == round_idx]
         own = self.last_published
         if distill.include_self and own is not None and own.batch_id == round_idx:
             candidates.append(own)
-        if not candidates:
-            return None
-        heads: list[TeacherChoice | None] = []
-        for head in range(self.model.num_heads):
+        targets: RoundTargets = {}
+        main: TeacherChoice | None = None
+        for head in range(self.model.num_heads if candidates else 0):
             source_head = max(head - 1, 0)
             usable = [m.logits[source_head] for m in candidates if m.num_heads > source_head]
             if not usable:
-                heads.append(None)
                 continue
             stacked = torch.from_numpy(np.stack(usable)).to(self.device)  # [N, P, C]
-            heads.append(choose_teacher(stacked, distill.temperature, distill.teacher_rule, self.generator))
-        return RoundTargets(heads, self._embedding_target(candidates, heads[0]))
+            choice = choose_teacher(stacked, distill.temperature, distill.teacher_rule, self.generator)
+            main = choice if head == 0 else main
+            targets[head_term(self.heads[head])] = choice.probs  # [P, C]
+        embedding = self._embedding_target(candidates, main)
+        if embedding is not None:
+            targets[EMBEDDING_TERM] = embedding  # [P, D]
+        return targets
 
     def _embedding_target(self, candidates: list[Prediction], main: TeacherChoice | None) -> torch.Tensor | None:
         """E(u): the main-head teacher's embedding per sample (the mean under the mean rule)."""
@@ -245,8 +237,7 @@ class Agent:
         """Logits of every head (and, when embedding distillation is on, P_i(e)) on a public batch."""
         self.model.eval()
         with torch.inference_mode(), self.autocast():
-            public_batch = self.public_x[self._public_indices(batch_id)]
-            logits, embedding = self.forward(public_batch.contiguous(memory_format=self.memory_format))
+            logits, embedding = self.forward(self.public_batch(batch_id).contiguous(memory_format=self.memory_format))
             projected = None
             if self.spec.distill is not None and self.spec.distill.nu_emb > 0:
                 projected = self.model.project(embedding)
@@ -286,11 +277,12 @@ class Agent:
         """bfloat16 autocast when `runtime.bf16` (a no-op context otherwise)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def _public_indices(self, batch_id: int) -> torch.Tensor:
+    def public_batch(self, batch_id: int) -> torch.Tensor:
+        """Public batch `batch_id`, [P, C, H, W]: the same samples for every agent (one schedule)."""
         indices = public_batch_indices(
             self.public.schedule_seed, batch_id, len(self.public.public_x), self.public.public_batch_size
         )
-        return torch.from_numpy(indices).to(self.device)
+        return self.public_x[torch.from_numpy(indices).to(self.device)]
 
     def state_dict(self) -> dict[str, Any]:
         """Full resumable state (tensors and numbers only, so it loads with weights_only=True).

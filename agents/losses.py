@@ -6,7 +6,7 @@ logged and ablated separately.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +75,51 @@ def distillation_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, t
     """T^2 * KL(teacher || softmax(student / T)), averaged over samples (Hinton et al. 2015)."""
     log_student = F.log_softmax(student_logits / temperature, dim=-1)
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+
+
+EMBEDDING_TERM = "loss/emb"
+
+
+def head_term(head_name: str) -> str:
+    """Name of the term that distils into one head: loss/kl_main, loss/kl_aux1, ..."""
+    return f"loss/kl_{head_name}"
+
+
+def mhd_terms(
+    logits: torch.Tensor,
+    embedding: torch.Tensor,
+    y: torch.Tensor,
+    targets: Mapping[str, torch.Tensor],
+    head_of_term: Mapping[str, int],
+    temperature: float | None,
+    project: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one agent's step (DESIGN.md §2), by name, in a fixed order.
+
+    The one definition of the loss: the Agent's step and the vmapped step both call it.
+
+    Args:
+        logits: [heads, B + b, C]: the B private samples first, then the b public ones.
+        embedding: [B + b, D].
+        y: [B] private labels.
+        targets: term name -> the teacher's target on the b public samples: [b, C] for a
+            head_term, [b, D] for EMBEDDING_TERM. Empty when the agent has no teacher.
+        head_of_term: head_term name -> index of the student head it trains.
+        temperature: T of the distillation KL (None only when there are no targets).
+        project: P_i, applied to the public samples' embedding.
+    """
+    n_private = y.shape[0]
+    terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
+    for name, target in targets.items():
+        if name == EMBEDDING_TERM:
+            diff = project(embedding[n_private:]) - target  # [b, D]
+            terms[name] = diff.pow(2).sum(dim=-1).mean()
+        else:
+            assert temperature is not None  # a head target exists only when the agent distils
+            terms[name] = distillation_kl(logits[head_of_term[name], n_private:], target, temperature)
+    return terms
+
+
+def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """sum_k weight_k * term_k, summed in the terms' order (so every path rounds alike)."""
+    return torch.stack([weights[name] * value for name, value in terms.items()]).sum()

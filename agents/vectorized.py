@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
@@ -41,11 +40,10 @@ from agents.agent import (
     AgentSpec,
     ExecutionConfig,
     PublicData,
-    RoundTargets,
     TrainConfig,
 )
 from agents.group import AgentGroup, Bundle
-from agents.losses import distillation_kl
+from agents.losses import EMBEDDING_TERM, mhd_terms, weighted_total
 from agents.messages import EvalCounts, Prediction, check_metrics
 from agents.model import ModelConfig, MultiHeadModel
 from sim.errors import ConfigError
@@ -55,7 +53,6 @@ Stacked = dict[str, Tensor]  # parameter name -> [A, *shape]: one slice per agen
 HOMOGENEOUS_FIELDS = ("model", "train", "distill", "message_dtype")
 """AgentSpec fields every agent of a vectorised group must share: one architecture, one step."""
 
-EMBEDDING_TERM = "loss/emb"
 PROJECTION_PREFIX = "projection."  # MultiHeadModel's P_i, outside its forward pass
 
 
@@ -149,8 +146,7 @@ class VectorizedAgentGroup(AgentGroup):
         # The architecture without storage: functional_call supplies each agent's parameters.
         self.base = copy.deepcopy(first.model).to("meta")
         self.template = first  # settings shared by all (spec, public schedule)
-        self.weights = first._term_weights()
-        self.head_of_term = {f"loss/kl_{name}": head for head, name in enumerate(first.heads)}
+        self.weights = first.term_weights()
         self.step_fn = vmap(grad_and_value(self._agent_loss, has_aux=True))
 
     # ---- training -------------------------------------------------------------------------
@@ -160,9 +156,9 @@ class VectorizedAgentGroup(AgentGroup):
     ) -> tuple[dict[int, dict[str, float]], dict[int, Prediction]]:
         """AgentGroup.run_round, with every cohort's steps vmapped and one vmapped prediction."""
         inboxes = self.inboxes(incoming)
-        teachers: dict[int, dict[str, Tensor]] = {}
-        for agent_id, agent in self.agents.items():
-            teachers[agent_id] = teacher_targets(agent, agent._round_targets(round_idx, inboxes[agent_id]))
+        teachers = {
+            agent_id: agent.round_targets(round_idx, inboxes[agent_id]) for agent_id, agent in self.agents.items()
+        }
         found: dict[int, dict[str, float]] = {}
         for cohort in self._cohorts(teachers):
             found.update(self._train_cohort(round_idx, cohort))
@@ -188,7 +184,7 @@ class VectorizedAgentGroup(AgentGroup):
         params = stack_parameters(cohort.agents)
         trained = trained_parameters(self.base, EMBEDDING_TERM in cohort.teachers[0])
         buffers = stack_momentum(cohort.agents, trained) if sgd.momentum != 0 else {}
-        public_batch = self._public_batch(round_idx) if cohort.distils else None
+        public_batch = self.template.public_batch(round_idx) if cohort.distils else None
         self.base.train()
         history: dict[str, list[Tensor]] = {}
         for _ in range(self.template.spec.train.local_steps):
@@ -218,18 +214,17 @@ class VectorizedAgentGroup(AgentGroup):
                 distilled head and [b, D] for the embedding term.
         """
         logits, embedding = functional_call(self.base, params, (x,))  # [heads, B+b, C], [B+b, D]
-        n_private = y.shape[0]
-        distill = self.template.spec.distill
-        terms = {"loss/ce": F.cross_entropy(logits[0, :n_private], y)}
-        for name, target in targets.items():
-            if name == EMBEDDING_TERM:
-                diff = self._project(params, embedding[n_private:]) - target  # [b, D]
-                terms[name] = diff.pow(2).sum(dim=-1).mean()
-            else:
-                assert distill is not None  # a head target exists only when the agent distils
-                student = logits[self.head_of_term[name], n_private:]  # [b, C]
-                terms[name] = distillation_kl(student, target, distill.temperature)
-        total = torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()
+        template = self.template
+        terms = mhd_terms(
+            logits,
+            embedding,
+            y,
+            targets,
+            template.head_of_term,
+            template.temperature,
+            lambda public_embedding: self._project(params, public_embedding),
+        )
+        total = weighted_total(terms, self.weights)
         return total, {**terms, "loss/total": total}
 
     def _project(self, params: Stacked, embedding: Tensor) -> Tensor:
@@ -243,10 +238,6 @@ class VectorizedAgentGroup(AgentGroup):
         }
         return functional_call(projection, own, (embedding,))
 
-    def _public_batch(self, batch_id: int) -> Tensor:
-        """Public batch `batch_id`, [P, C, H, W]: the same for every agent (one schedule)."""
-        return self.template.public_x[self.template._public_indices(batch_id)]
-
     # ---- what leaves the agents ------------------------------------------------------------
 
     def _predict(self, batch_id: int) -> dict[int, Prediction]:
@@ -257,7 +248,7 @@ class VectorizedAgentGroup(AgentGroup):
         self.base.eval()
         with torch.inference_mode():
             # [A, heads, P, C], [A, P, D]
-            logits, embedding = self._forward_shared(params, self._public_batch(batch_id))
+            logits, embedding = self._forward_shared(params, self.template.public_batch(batch_id))
             projected = vmap(self._project)(params, embedding) if distill is not None and distill.nu_emb > 0 else None
         return {
             agent.agent_id: agent.publish(batch_id, logits[i], None if projected is None else projected[i])
@@ -363,19 +354,6 @@ def check_no_buffers(model: MultiHeadModel, config: ModelConfig) -> None:
 
 
 # ---- per-agent pieces, in each agent's own order ----------------------------------------------
-
-
-def teacher_targets(agent: Agent, targets: RoundTargets | None) -> dict[str, Tensor]:
-    """Term name -> target on the whole public batch, in `Agent._distillation_terms`' order."""
-    if targets is None:
-        return {}
-    found: dict[str, Tensor] = {}
-    for head, choice in enumerate(targets.heads):
-        if choice is not None:
-            found[f"loss/kl_{agent.heads[head]}"] = choice.probs  # [P, C]
-    if targets.embedding is not None:
-        found[EMBEDDING_TERM] = targets.embedding  # [P, D]
-    return found
 
 
 def draw_batches(cohort: Cohort, public_batch: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
