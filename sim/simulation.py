@@ -77,10 +77,11 @@ def run_rounds(
     elif checkpoints.every > 0:
         checkpoints.store.save(backend, state)
     setup_s = time.perf_counter() - started
+    out_degree = dict(experiment.graph.out_degree())  # messages each agent puts on edges per round
     with StopRequests() as stop:
         while state.next_round < experiment.rounds:
             try:
-                state = run_round(experiment, backend, sinks, state)  # 2, 3
+                state = run_round(experiment, backend, sinks, state, out_degree)  # 2, 3
                 due = checkpoints.every > 0 and state.next_round % checkpoints.every == 0
                 if due or stop.signum is not None:  # 4
                     saved = checkpoints.store.save(backend, state)
@@ -98,14 +99,16 @@ def run_rounds(
     return summary
 
 
-def run_round(experiment: Experiment, backend: Backend, sinks: list[Sink], state: LoopState) -> LoopState:
+def run_round(
+    experiment: Experiment, backend: Backend, sinks: list[Sink], state: LoopState, out_degree: dict[int, int]
+) -> LoopState:
     """One round (and its evaluation when due); the state advances only if all of it succeeded."""
     round_idx = state.next_round
     tick = time.perf_counter()
     publish = experiment.method.exchanges and round_idx < experiment.rounds - 1
     metrics = backend.run_round(round_idx, publish)
     elapsed = time.perf_counter() - tick
-    sent = round_bytes(metrics, dict(experiment.graph.out_degree()))
+    sent = round_bytes(metrics, out_degree)
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
     evaluated = None
     if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:
