@@ -110,6 +110,11 @@ class Agent:
         self.public_x = torch.from_numpy(public.public_x).to(device)  # shared by the group's agents
         self._order = torch.randperm(len(self.private_y), generator=self.generator)
         self._cursor = 0
+        # A support-conditioned backbone (HyperTransformer) predicts and evaluates with one fixed
+        # support set from the agent's own shard, drawn once, so its published predictions are a
+        # function of its weights alone; training draws a fresh one every step.
+        self.support_size = self.model.backbone.support_size
+        self.eval_support = self._draw_support() if self.support_size else None
         # Own latest outgoing message: competes as a teacher under include_self, and is what the
         # agent re-sends after a restore (its in-flight contribution to its neighbours' inboxes).
         self.last_published: Prediction | None = None
@@ -160,6 +165,8 @@ class Agent:
 
     def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets) -> dict[str, torch.Tensor]:
         x, y, pick = self.step_batch(public_batch)
+        if self.support_size:
+            self.model.backbone.condition(*self._draw_support())
         with self.autocast():
             logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))
         if self.bf16:  # losses in float32
@@ -192,6 +199,16 @@ class Agent:
         index = self._order[self._cursor : self._cursor + size].to(self.device)
         self._cursor += size
         return self.private_x[index], self.private_y[index]
+
+    def _draw_support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`support_size` labelled samples of the own shard (all of it when smaller), without replacement."""
+        pick = torch.randperm(len(self.private_y), generator=self.generator)[: self.support_size].to(self.device)
+        return self.private_x[pick].contiguous(memory_format=self.memory_format), self.private_y[pick]
+
+    def _condition_for_inference(self) -> None:
+        """Give a support-conditioned backbone the fixed support set before a predict or evaluate."""
+        if self.eval_support is not None:
+            self.model.backbone.condition(*self.eval_support)
 
     def round_targets(self, round_idx: int, inbox: Sequence[Prediction]) -> RoundTargets:
         """Per-head teachers for this round: head 0 from heads 0, head k from heads k-1."""
@@ -236,6 +253,7 @@ class Agent:
     def predict(self, batch_id: int) -> Prediction:
         """Logits of every head (and, when embedding distillation is on, P_i(e)) on a public batch."""
         self.model.eval()
+        self._condition_for_inference()
         with torch.inference_mode(), self.autocast():
             logits, embedding = self.forward(self.public_batch(batch_id).contiguous(memory_format=self.memory_format))
             projected = None
@@ -260,6 +278,7 @@ class Agent:
         correct = np.zeros((self.model.num_heads, num_classes), dtype=np.int64)
         test_x, test_y = self.public.test_x, self.public.test_y
         self.model.eval()
+        self._condition_for_inference()
         with torch.inference_mode():
             for start in range(0, len(test_y), self.spec.train.eval_batch_size):
                 x = torch.from_numpy(test_x[start : start + self.spec.train.eval_batch_size]).to(self.device)

@@ -38,7 +38,9 @@ class MultiHeadModel(nn.Module):
         super().__init__()
         self.num_heads = 1 + config.aux_heads
         self.num_classes = config.num_classes
-        self.backbone = build_backbone(config.backbone, config.input_shape, **config.backbone_params)
+        self.backbone = build_backbone(
+            config.backbone, config.input_shape, self.num_heads, **config.backbone_params
+        )
         width = int(self.backbone.num_features)
         self.heads = nn.Linear(width, self.num_heads * config.num_classes)
         self.projection: nn.Module | None = None
@@ -47,11 +49,19 @@ class MultiHeadModel(nn.Module):
             self.projection = nn.Identity() if same_width else nn.Linear(width, config.embedding_projection)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits [heads, B, classes], embedding [B, features])."""
-        embedding = self.backbone(x)  # [B, D]
+        """Returns (logits [heads, B, classes], the main head's embedding [B, features])."""
+        embedding = self.backbone(x)  # [B, D], or [heads, B, D] for a per-head backbone
+        if self.backbone.per_head:
+            return self._per_head_logits(embedding), embedding[0]
         logits = self.heads(embedding)  # [B, heads * classes]
         logits = logits.view(-1, self.num_heads, self.num_classes).transpose(0, 1)  # [heads, B, C]
         return logits, embedding
+
+    def _per_head_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Head k applied to embedding k: the fused weight viewed per head, one batched matmul."""
+        weight = self.heads.weight.view(self.num_heads, self.num_classes, -1)  # [heads, C, D]
+        bias = self.heads.bias.view(self.num_heads, 1, self.num_classes)  # [heads, 1, C]
+        return torch.baddbmm(bias, embeddings, weight.transpose(1, 2))  # [heads, B, C]
 
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         """P_i(e): the embedding in the shared width used for embedding distillation."""

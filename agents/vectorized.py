@@ -303,6 +303,10 @@ def check_vectorizable(specs: Sequence[AgentSpec]) -> None:
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream as it was
         model = MultiHeadModel(spec.model)
     check_no_buffers(model, spec.model)
+    if model.backbone.support_size:
+        raise ConfigError(
+            "runtime.vectorize", True, f"a backbone without a support set ({spec.model.backbone} reads one)"
+        )
     StackedSGD.of(instantiate(spec.train.optimizer, params=model.parameters()), spec.train)
 
 

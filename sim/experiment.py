@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agents.agent import AgentSpec, PublicData, TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
@@ -39,6 +39,8 @@ from sim.validation import (
     positive_number,
 )
 from topologies import build_topology, in_neighbours
+
+MIXED_BACKBONES = "mixed"  # conf/backbone/mixed.yaml: per-agent backbones from a pattern
 
 # Keys of conf/data/*.yaml consumed here; the rest are options of the dataset loader.
 DATA_SPLIT_KEYS = ("name", "root", "public_size", "public_batch_size")
@@ -128,8 +130,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     _check_every_agent_has_data(parts, str(cfg.partition.name))
     class_counts = class_count_matrix(split.private.y, parts, splits.num_classes)
     graph = settings.graph if method.exchanges else nx.create_empty_copy(settings.graph)  # no messages, no edges
-    model = _model_config(cfg, splits, method)
-    _check_model_builds(model)
+    models = _model_configs(cfg, splits, method, num_agents)
+    for model in dict.fromkeys(models):  # each distinct architecture once
+        _check_model_builds(model)
     neighbours = in_neighbours(graph)
     specs = [
         AgentSpec(
@@ -138,7 +141,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
             in_neighbours=tuple(neighbours[agent_id]),
             private_x=split.private.x[part],
             private_y=split.private.y[part],
-            model=model,
+            model=models[agent_id],
             train=settings.train,
             distill=method.distill,
             message_dtype=method.message_dtype,
@@ -237,18 +240,43 @@ def _import_class(path: str) -> type:
     return found
 
 
-def _model_config(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan) -> ModelConfig:
+def backbone_assignment(backbone: DictConfig, num_agents: int) -> list[tuple[str, dict[str, Any]]]:
+    """(registry name, builder params) of each agent's backbone.
+
+    One backbone for everyone, or `backbone=mixed`: agent i gets `pattern[i % len(pattern)]`,
+    configured by `members.NAME` (conf/backbone/mixed.yaml).
+    """
+    if backbone.name != MIXED_BACKBONES:
+        return [(str(backbone.name), _params(backbone))] * num_agents
+    pattern = backbone.get("pattern")
+    members = backbone.get("members") or {}
+    if not isinstance(pattern, ListConfig) or len(pattern) == 0:
+        raise ConfigError("backbone.pattern", pattern, "a non-empty list of backbone names, e.g. [resnet8,small_cnn]")
+    for name in pattern:
+        if name not in members:
+            raise ConfigError("backbone.pattern", list(pattern), f"names from backbone.members ({', '.join(members)})")
+    return [(str(pattern[i % len(pattern)]), _params(members[pattern[i % len(pattern)]])) for i in range(num_agents)]
+
+
+def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, num_agents: int) -> list[ModelConfig]:
+    """Each agent's ModelConfig; agents of one backbone share one (equal) config object."""
     projection = None
     if method.distill is not None and method.distill.nu_emb > 0:
         projection = positive_int("model.embedding_dim", cfg.model.embedding_dim)
-    return ModelConfig(
-        backbone=str(cfg.backbone.name),
-        backbone_params=_params(cfg.backbone),
-        input_shape=splits.input_shape,
-        num_classes=splits.num_classes,
-        aux_heads=method.aux_heads,
-        embedding_projection=projection,
-    )
+    built: dict[str, ModelConfig] = {}
+    models = []
+    for name, params in backbone_assignment(cfg.backbone, num_agents):
+        if name not in built:
+            built[name] = ModelConfig(
+                backbone=name,
+                backbone_params=params,
+                input_shape=splits.input_shape,
+                num_classes=splits.num_classes,
+                aux_heads=method.aux_heads,
+                embedding_projection=projection,
+            )
+        models.append(built[name])
+    return models
 
 
 def _check_model_builds(model: ModelConfig) -> None:
@@ -262,10 +290,11 @@ def _check_model_builds(model: ModelConfig) -> None:
 
 def _check_builder_options(cfg: DictConfig) -> None:
     """Names and option keys of the dataset, partitioner and backbone, against their signatures."""
-    data, partitioner, backbone = str(cfg.data.name), str(cfg.partition.name), str(cfg.backbone.name)
+    data, partitioner = str(cfg.data.name), str(cfg.partition.name)
     check_options("data", data, DATASETS.get(data), _params(cfg.data, drop=DATA_SPLIT_KEYS))
     check_options("partition", partitioner, PARTITIONERS.get(partitioner), _params(cfg.partition))
-    check_param_names(backbone, BACKBONES.get(backbone), _params(cfg.backbone))
+    for backbone, params in dict(backbone_assignment(cfg.backbone, int(cfg.num_agents))).items():
+        check_param_names(backbone, BACKBONES.get(backbone), params)
 
 
 def _check_every_agent_has_data(parts: list[np.ndarray], partition_name: str) -> None:

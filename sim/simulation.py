@@ -29,7 +29,7 @@ from sim.checkpoint import Checkpoint, CheckpointStore, LoopState
 from sim.experiment import Experiment
 from sim.interrupt import RunInterrupted, StopRequests
 from sim.loggers import Sink
-from sim.metrics import agent_accuracies, head_summary, mean_losses, round_bytes
+from sim.metrics import AgentHeadAccuracy, agent_accuracies, head_summary, mean_losses, round_bytes
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,21 @@ def final_summary(
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
         "final": {"round": last["round"], "heads": last["heads"], "per_agent": last["per_agent"]},
+        **by_backbone(experiment, last["per_agent"]),
+    }
+
+
+def by_backbone(experiment: Experiment, per_agent: dict[str, Any]) -> dict[str, Any]:
+    """For a mixed population: each agent's backbone and the per-head summary of each backbone."""
+    names = {spec.agent_id: spec.model.backbone for spec in experiment.specs}
+    if experiment.method.central or len(set(names.values())) < 2:
+        return {}
+    groups: dict[str, AgentHeadAccuracy] = {}
+    for agent_id, heads in per_agent.items():
+        groups.setdefault(names[int(agent_id)], {})[int(agent_id)] = heads
+    return {
+        "backbones": [names[agent_id] for agent_id in sorted(names)],
+        "by_backbone": {name: head_summary(group) for name, group in sorted(groups.items())},
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from sim.errors import ConfigError
 from sim.registry import Registry
@@ -24,6 +24,18 @@ class Backbone(nn.Module):
     """An image -> embedding network: forward([B, C, H, W]) -> [B, num_features]."""
 
     num_features: int
+    per_head: bool = False
+    """True: forward returns one embedding per model head, [heads, B, num_features] (e.g. a
+    modular ResNet whose heads each mix the shared blocks their own way). Such a builder takes
+    `model_heads`, the number of heads of the model it serves."""
+    support_size: int = 0
+    """> 0: forward reads a labelled support set of this many samples from the agent's own shard,
+    given by `condition` before the forward (a HyperTransformer generates its weights from it).
+    The Agent draws it; it never leaves the agent."""
+
+    def condition(self, support_x: Tensor, support_y: Tensor) -> None:
+        """Sets the support set ([S, C, H, W] images, [S] labels, -1 = unlabelled) later forwards read."""
+        raise TypeError(f"{type(self).__name__} reads no support set (support_size is 0)")
 
     def init_convs(self) -> None:
         """He (Kaiming) normal init for every conv, the init the ReLU nets here assume.
@@ -37,16 +49,20 @@ class Backbone(nn.Module):
                     nn.init.zeros_(module.bias)
 
 
+MODEL_HEADS = "model_heads"  # the builder parameter that receives the model's head count
+
 BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 
 
-def build_backbone(name: str, input_shape: tuple[int, int, int], **params: object) -> Backbone:
+def build_backbone(name: str, input_shape: tuple[int, int, int], model_heads: int = 1, **params: object) -> Backbone:
     """Builds backbone `name` for images of `input_shape` (C, H, W).
 
     Args:
         name: a registered backbone, e.g. "small_cnn" or "resnet20".
         input_shape: (channels, height, width) of one image; backbones adapt their
             downsampling to it.
+        model_heads: heads of the model the backbone serves; passed only to builders that
+            declare a `model_heads` parameter (per-head backbones).
         **params: conf/backbone/NAME.yaml without its `name` key. Builders have no defaults,
             so every tunable value is visible in the config.
 
@@ -55,12 +71,16 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], **params: objec
     """
     builder = BACKBONES.get(name)
     check_param_names(name, builder, params)
+    if MODEL_HEADS in inspect.signature(builder).parameters:
+        return builder(input_shape, model_heads, **params)
     return builder(input_shape, **params)
 
 
 def check_param_names(name: str, builder: Callable[..., Backbone], params: dict[str, object]) -> None:
     """Turns a missing or unknown param into a ConfigError; a TypeError would not name the key."""
-    expected = {p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    expected = {
+        p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY
+    }
     missing = sorted(expected - params.keys())
     if missing:
         raise ConfigError(
