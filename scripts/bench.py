@@ -135,7 +135,7 @@ class BackendLoop:
     """The simulator's own path: create_backend, group_plans and Backend.start, as `sim.run` does."""
 
     def __init__(self, experiment: Experiment) -> None:
-        self.backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+        self.backend, groups = create_backend(experiment)
         try:
             self.backend.start(group_plans(experiment, groups), experiment.public)
         except BaseException:

@@ -34,7 +34,7 @@ def main() -> None:
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=args.overrides)
     experiment = build_experiment(cfg)
-    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    backend, groups = create_backend(experiment)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
     store = CheckpointStore(run_dir, keep=1)
     try:

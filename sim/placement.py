@@ -1,20 +1,31 @@
-"""Which agents share a worker process, and what each worker asks the cluster for.
+"""Which agents share a worker process, what each worker asks the cluster for, and whether the
+cluster can ever give it.
 
-Default: one worker per CPU core (or per GPU slot when GPUs are requested), agents spread in
-contiguous, near-equal blocks — neighbours in a ring mostly share a worker. Requests that the
-cluster cannot satisfy are rejected here, before any actor exists (Ray would otherwise wait
-forever without a word).
+Agents of one backbone share workers; each backbone's agents are spread in contiguous,
+near-equal blocks, so neighbours in a ring mostly share a worker. A worker asks for the
+runtime-wide `num_cpus_per_actor`, `num_gpus_per_actor` and custom `resources`, or for its
+backbone's entry in `runtime.backbone_resources` (a large backbone may take a whole GPU where a
+small one takes a quarter). Default count: workers are added one at a time, to the backbone
+with the most agents per worker, while one more still fits on some node; on one machine with
+one backbone that is one worker per CPU core (or per GPU slot).
+
+Requests are packed onto the nodes' own totals, not the cluster's sum: two nodes with one CPU
+each cannot host a two-CPU worker, and Ray would wait forever without a word. So a request no
+node can hold is a ConfigError here, before any actor exists.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from agents.agent import ExecutionConfig
+from sim.cluster import ClusterConfig
 from sim.errors import ConfigError
 
 
@@ -34,6 +45,7 @@ class RuntimeConfig:
     compile: bool  # torch.compile each agent's model (speed only; first rounds pay the compile)
     vectorize: bool  # vmap a process's homogeneous agents together (an option to prove on GPU)
     bf16: bool  # bfloat16 autocast of forward passes (speed; numerics change, see docs/performance.md)
+    cluster: ClusterConfig  # placement strategy, per-backbone and custom resources, what ships to nodes
 
     @property
     def on_this_machine(self) -> bool:
@@ -41,8 +53,14 @@ class RuntimeConfig:
         return self.backend == "serial" or self.address is None
 
 
+NODES_SHOWN = 4
+"""Nodes listed in a placement error; a large cluster is summarised after these."""
+
 ADDRESS_TIMEOUT_S = 3.0
 """A reachable Ray head accepts a TCP connection in milliseconds; 3 s also covers a slow WAN link."""
+
+RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"
+"""Set by Ray for the entrypoint of a Ray job, and by users who attach every script to one cluster."""
 
 
 def check_gpus_exist(runtime: RuntimeConfig, cuda_available: bool) -> None:
@@ -60,14 +78,30 @@ def check_gpus_exist(runtime: RuntimeConfig, cuda_available: bool) -> None:
 
 
 def check_cluster_address(runtime: RuntimeConfig) -> None:
-    """Rejects a Ray address that does not accept a TCP connection, before ray.init retries it.
+    """Rejects a Ray address that cannot work, before ray.init retries it or starts a second Ray.
 
-    `auto` (find the cluster this machine belongs to) is left to Ray, and so is the address
-    when it is unused (serial backend) or absent (a local Ray is started).
+    - No address inside a Ray cluster (RAY_ADDRESS set, as in a Ray job): a local Ray would
+      be a second Ray instance on a cluster node, competing with it for the same CPUs and GPUs.
+    - An address with runtime.num_cpus: a running cluster's size is set by its nodes.
+    - A HOST:PORT that does not accept a TCP connection. `auto` (find the cluster this machine
+      belongs to) is left to Ray.
     """
-    if runtime.on_this_machine or runtime.address == "auto":
+    if runtime.backend == "serial":
         return
-    assert runtime.address is not None
+    if runtime.address is None:
+        inside = os.environ.get(RAY_ADDRESS_VARIABLE)
+        if inside:
+            raise ConfigError(
+                "runtime.address",
+                None,
+                f"auto here ({RAY_ADDRESS_VARIABLE}={inside} says this runs inside a Ray cluster; null would start "
+                "a second Ray on this node): use runtime=cluster or runtime.address=auto",
+            )
+        return
+    if runtime.num_cpus is not None:
+        raise ConfigError("runtime.num_cpus", runtime.num_cpus, "null when runtime.address is set (nodes set the size)")
+    if runtime.address == "auto":
+        return
     host, port = _host_port(runtime.address)
     try:
         socket.create_connection((host, port), timeout=ADDRESS_TIMEOUT_S).close()
@@ -85,11 +119,39 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class Node:
+    """One alive node of the cluster, as placement sees it."""
+
+    address: str  # IP, for messages
+    resources: dict[str, float] = field(hash=False)  # total of each Ray resource (CPU, GPU, custom)
+
+
+@dataclass(frozen=True)
+class ActorRequest:
+    """What one worker asks Ray for, and which config key set each amount (named in errors)."""
+
+    amounts: dict[str, float] = field(hash=False)  # Ray resource -> amount: CPU, GPU, custom (zeros left out)
+    keys: dict[str, str] = field(hash=False)  # Ray resource -> config key
+
+    @property
+    def num_cpus(self) -> float:
+        return self.amounts.get("CPU", 0.0)
+
+    @property
+    def num_gpus(self) -> float:
+        return self.amounts.get("GPU", 0.0)
+
+    @property
+    def custom(self) -> dict[str, float]:
+        return {name: amount for name, amount in self.amounts.items() if name not in ("CPU", "GPU")}
+
+
+@dataclass(frozen=True)
 class Placement:
     groups: list[list[int]]  # agent ids hosted by each worker
-    num_cpus_per_group: float
-    num_gpus_per_group: float
-    torch_threads: int
+    requests: list[ActorRequest]  # what each worker asks for (same order)
+    torch_threads: list[int]  # intra-op threads of each worker (same order)
+    strategy: str  # Ray placement-group strategy: PACK or SPREAD
 
 
 def execution_config(runtime: RuntimeConfig, threads: int) -> ExecutionConfig:
@@ -104,40 +166,117 @@ def execution_config(runtime: RuntimeConfig, threads: int) -> ExecutionConfig:
     )
 
 
-def plan_placement(num_agents: int, runtime: RuntimeConfig, cpus: float, gpus: float) -> Placement:
-    """Split `num_agents` over workers that fit in `cpus` / `gpus` of the cluster."""
+def actor_request(runtime: RuntimeConfig, backbone: str) -> ActorRequest:
+    """The request of a worker hosting `backbone` agents: its backbone_resources entry over the runtime-wide one."""
+    amounts = {"CPU": runtime.num_cpus_per_actor, "GPU": runtime.num_gpus_per_actor, **runtime.cluster.resources}
+    keys = {"CPU": "runtime.num_cpus_per_actor", "GPU": "runtime.num_gpus_per_actor"}
+    keys |= {name: f"runtime.resources.{name}" for name in runtime.cluster.resources}
+    override = runtime.cluster.backbone_resources.get(backbone, {})
+    prefix = f"runtime.backbone_resources.{backbone}"
+    for name, amount in override.items():
+        amounts[name] = amount
+        keys[name] = {"CPU": f"{prefix}.num_cpus", "GPU": f"{prefix}.num_gpus"}.get(name, f"{prefix}.resources.{name}")
+    return ActorRequest({name: amount for name, amount in amounts.items() if amount > 0}, keys)
+
+
+def plan_placement(backbones: Sequence[str], runtime: RuntimeConfig, nodes: Sequence[Node]) -> Placement:
+    """Groups agents (agent i has backbone `backbones[i]`) into workers whose requests fit on `nodes`.
+
+    Raises:
+        ConfigError: naming the key of the first request the nodes cannot hold.
+    """
     if runtime.num_cpus_per_actor <= 0:
         raise ConfigError("runtime.num_cpus_per_actor", runtime.num_cpus_per_actor, "a number > 0")
     if runtime.num_gpus_per_actor < 0:
         raise ConfigError("runtime.num_gpus_per_actor", runtime.num_gpus_per_actor, "a number >= 0")
+    if runtime.agents_per_actor is not None and runtime.agents_per_actor < 1:
+        raise ConfigError("runtime.agents_per_actor", runtime.agents_per_actor, "an integer >= 1 or null")
+    members: dict[str, list[int]] = {}
+    for agent_id, backbone in enumerate(backbones):
+        members.setdefault(backbone, []).append(agent_id)
+    requests = {backbone: actor_request(runtime, backbone) for backbone in members}
+    packing = _Packing(nodes)
     if runtime.agents_per_actor is not None:
-        if runtime.agents_per_actor < 1:
-            raise ConfigError("runtime.agents_per_actor", runtime.agents_per_actor, "an integer >= 1 or null")
-        num_groups = math.ceil(num_agents / runtime.agents_per_actor)
+        counts = {backbone: math.ceil(len(ids) / runtime.agents_per_actor) for backbone, ids in members.items()}
+        for backbone, count in counts.items():
+            for _ in range(count):
+                packing.place_or_fail(requests[backbone], f"{count} actors for {backbone} agents")
     else:
-        slots = cpus / runtime.num_cpus_per_actor
-        if runtime.num_gpus_per_actor > 0:
-            slots = min(slots, gpus / runtime.num_gpus_per_actor)
-        num_groups = max(1, min(num_agents, math.floor(slots + 1e-9)))
-    _check_fits(num_groups, runtime, cpus, gpus)
-    groups = [block.tolist() for block in np.array_split(np.arange(num_agents), num_groups)]
-    threads = runtime.torch_threads or max(1, math.floor(runtime.num_cpus_per_actor))
-    return Placement(groups, runtime.num_cpus_per_actor, runtime.num_gpus_per_actor, threads)
+        counts = _fill(members, requests, packing)
+    groups, group_requests, threads = [], [], []
+    for backbone, ids in members.items():
+        for block in np.array_split(np.array(ids), counts[backbone]):
+            groups.append(block.tolist())
+            group_requests.append(requests[backbone])
+            threads.append(runtime.torch_threads or max(1, math.floor(requests[backbone].num_cpus)))
+    return Placement(groups, group_requests, threads, runtime.cluster.placement_strategy)
 
 
-def _check_fits(num_groups: int, runtime: RuntimeConfig, cpus: float, gpus: float) -> None:
-    need_cpus = num_groups * runtime.num_cpus_per_actor
-    if need_cpus > cpus + 1e-9:
-        raise ConfigError(
-            "runtime.num_cpus_per_actor",
-            runtime.num_cpus_per_actor,
-            f"{num_groups} actors x {runtime.num_cpus_per_actor} CPUs = {need_cpus:g} "
-            f"but the cluster has {cpus:g} CPUs; lower it (fractions allowed) or raise runtime.agents_per_actor",
+def _fill(members: dict[str, list[int]], requests: dict[str, ActorRequest], packing: _Packing) -> dict[str, int]:
+    """Actors per backbone: one each, then one more at a time to the most crowded backbone while it fits."""
+    counts = {}
+    for backbone in members:
+        packing.place_or_fail(requests[backbone], f"actors for every backbone ({', '.join(members)})")
+        counts[backbone] = 1
+    growing = [backbone for backbone in members if counts[backbone] < len(members[backbone])]
+    while growing:
+        backbone = max(growing, key=lambda name: len(members[name]) / counts[name])  # ties: the first listed
+        if packing.place(requests[backbone]):
+            counts[backbone] += 1
+            if counts[backbone] < len(members[backbone]):
+                continue
+        growing.remove(backbone)
+    return counts
+
+
+class _Packing:
+    """Actors assigned first-fit to nodes: proof that the requests fit together, node by node."""
+
+    SLACK = 1e-9  # fractional requests summed in floating point
+
+    def __init__(self, nodes: Sequence[Node]) -> None:
+        self.nodes = nodes
+        self.free = [dict(node.resources) for node in nodes]
+        self.placed = 0
+
+    def place(self, request: ActorRequest) -> bool:
+        for free in self.free:
+            if all(free.get(name, 0.0) + self.SLACK >= amount for name, amount in request.amounts.items()):
+                for name, amount in request.amounts.items():
+                    free[name] -= amount
+                self.placed += 1
+                return True
+        return False
+
+    def place_or_fail(self, request: ActorRequest, what: str) -> None:
+        if not self.place(request):
+            raise self._unfit(request, what)
+
+    def _unfit(self, request: ActorRequest, what: str) -> ConfigError:
+        """The error for a request that does not fit: its first resource no node has enough of."""
+        for name, amount in request.amounts.items():
+            most = max((node.resources.get(name, 0.0) for node in self.nodes), default=0.0)
+            if most == 0 and name in request.custom:
+                return ConfigError(
+                    request.keys[name],
+                    amount,
+                    f"a resource some node has: start nodes with ray start --resources='{{\"{name}\": N}}'",
+                )
+            if most + self.SLACK < amount:
+                return ConfigError(
+                    request.keys[name],
+                    amount,
+                    f"at most {most:g}: no node has more {name} ({self._describe(name)})",
+                )
+        name = min(request.amounts, key=lambda resource: max(free.get(resource, 0.0) for free in self.free))
+        return ConfigError(
+            request.keys[name],
+            request.amounts[name],
+            f"{what} do not fit: {self.placed} actors took the nodes' {name} ({self._describe(name)}); "
+            "lower it (fractions allowed) or raise runtime.agents_per_actor",
         )
-    need_gpus = num_groups * runtime.num_gpus_per_actor
-    if need_gpus > gpus + 1e-9:
-        raise ConfigError(
-            "runtime.num_gpus_per_actor",
-            runtime.num_gpus_per_actor,
-            f"{num_groups} actors need {need_gpus:g} GPUs but the cluster has {gpus:g}",
-        )
+
+    def _describe(self, resource: str) -> str:
+        parts = [f"{node.address}: {node.resources.get(resource, 0.0):g}" for node in self.nodes[:NODES_SHOWN]]
+        more = f", ... {len(self.nodes) - NODES_SHOWN} more" if len(self.nodes) > NODES_SHOWN else ""
+        return f"{resource} per node: {', '.join(parts)}{more}" if parts else "the cluster has no nodes"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -31,7 +30,10 @@ def ray_session() -> Iterator[None]:
     """A local Ray on loopback shared by every test that needs one (start-up costs ~6 s)."""
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from sim.backends.ray_backend import loopback_only
+
+    with loopback_only():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     yield
     ray.shutdown()
