@@ -50,7 +50,7 @@ from sim.errors import ConfigError
 
 Stacked = dict[str, Tensor]  # parameter name -> [A, *shape]: one slice per agent
 
-HOMOGENEOUS_FIELDS = ("model", "train", "distill", "message_dtype")
+HOMOGENEOUS_FIELDS = ("model", "train", "distill", "message_codec")
 """AgentSpec fields every agent of a vectorised group must share: one architecture, one step."""
 
 PROJECTION_PREFIX = "projection."  # MultiHeadModel's P_i, outside its forward pass

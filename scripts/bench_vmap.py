@@ -108,11 +108,11 @@ def samples_per_round(experiment: Experiment) -> int:
 
 
 def max_logit_gap(first: dict[int, Prediction], second: dict[int, Prediction]) -> float:
-    return max(float(np.abs(first[i].logits - second[i].logits).max()) for i in first)
+    return max(float(np.abs(first[i].payload["logits"] - second[i].payload["logits"]).max()) for i in first)
 
 
 def run_preset(name: str, extras: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
-    overrides = [*PRESETS[name], "method.message_dtype=float32", *extras]
+    overrides = [*PRESETS[name], "method.message_codec=float32", *extras]
     experiment = build(overrides)
     execution = ExecutionConfig(
         device=args.device, torch_threads=args.threads, channels_last=False, compile=False, vectorize=False, bf16=False

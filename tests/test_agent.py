@@ -51,8 +51,8 @@ def test_predictions_cover_every_head_on_the_public_batch() -> None:
     agent = _agent()
     message = agent.predict(5)
     assert isinstance(message, Prediction)
-    assert message.logits.shape == (4, agent.public.public_batch_size, 10)
-    assert message.logits.dtype == np.float16
+    assert message.payload["logits"].shape == (4, agent.public.public_batch_size, 10)
+    assert message.payload["logits"].dtype == np.float16
     assert message.batch_id == 5 and message.sender == 0
 
 
@@ -60,7 +60,7 @@ def test_an_agent_is_reproducible_from_its_spec() -> None:
     first, second = _agent(), _agent()
     for agent in (first, second):
         agent.train_round(0, [])
-    assert np.array_equal(first.predict(1).logits, second.predict(1).logits)
+    assert np.array_equal(first.predict(1).payload["logits"], second.predict(1).payload["logits"])
 
 
 def test_channels_last_computes_the_same_predictions() -> None:
@@ -70,10 +70,10 @@ def test_channels_last_computes_the_same_predictions() -> None:
         Agent(experiment.specs[0], experiment.public, replace(PLAIN, channels_last=channels_last))
         for channels_last in (False, True)
     )
-    assert np.allclose(plain.predict(0).logits, nhwc.predict(0).logits, atol=1e-2)
+    assert np.allclose(plain.predict(0).payload["logits"], nhwc.predict(0).payload["logits"], atol=1e-2)
     for agent in (plain, nhwc):
         agent.train_round(0, [])
-    assert np.allclose(plain.predict(1).logits, nhwc.predict(1).logits, atol=5e-2)
+    assert np.allclose(plain.predict(1).payload["logits"], nhwc.predict(1).payload["logits"], atol=5e-2)
     assert np.array_equal(plain.evaluate().seen, nhwc.evaluate().seen)
 
 
@@ -83,7 +83,7 @@ def test_bf16_autocast_learns_like_float32() -> None:
     plain, bf16 = (
         Agent(experiment.specs[0], experiment.public, replace(PLAIN, bf16=enabled)) for enabled in (False, True)
     )
-    assert np.allclose(plain.predict(0).logits, bf16.predict(0).logits, atol=0.1)
+    assert np.allclose(plain.predict(0).payload["logits"], bf16.predict(0).payload["logits"], atol=0.1)
     for round_idx in range(3):
         for agent in (plain, bf16):
             losses = agent.train_round(round_idx, [])

@@ -45,7 +45,7 @@ Round = tuple[dict[int, dict[str, float]], dict[int, Prediction]]
 
 def _experiment(*overrides: str) -> Experiment:
     # float32 messages: float16 would turn float-rounding differences into 1e-3 steps.
-    return build_experiment(make_config(*TINY, "method.message_dtype=float32", *overrides))
+    return build_experiment(make_config(*TINY, "method.message_codec=float32", *overrides))
 
 
 def _in_float64(experiment: Experiment) -> Experiment:
@@ -91,8 +91,9 @@ def _assert_rounds_agree(expected: list[Round], actual: list[Round], rel: float,
         for sender, want_message in want_bundle.items():
             got_message = got_bundle[sender]
             assert got_message.batch_id == want_message.batch_id
-            assert got_message.logits.dtype == want_message.logits.dtype
-            np.testing.assert_allclose(got_message.logits, want_message.logits, rtol=0, atol=atol)
+            got_logits, want_logits = got_message.payload["logits"], want_message.payload["logits"]
+            assert got_logits.dtype == want_logits.dtype
+            np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=atol)
             if want_message.embeddings is None:
                 assert got_message.embeddings is None
             else:
@@ -184,7 +185,7 @@ def test_heterogeneous_agents_are_refused() -> None:
 @pytest.mark.slow
 def test_runtime_vectorize_runs_end_to_end_on_ray(ray_session: None, tmp_path: Path) -> None:
     """The option as a user sets it: Ray actors host vectorised groups; same learning as the loop."""
-    overrides = (*TINY, "method.message_dtype=float32", "runtime.agents_per_actor=2")
+    overrides = (*TINY, "method.message_codec=float32", "runtime.agents_per_actor=2")
     vectorised = run(make_config(*overrides, "runtime.backend=ray", "runtime.vectorize=true"), tmp_path / "vmap")
     stepped = run(make_config(*overrides, "runtime.backend=serial"), tmp_path / "loop")
     assert vectorised["status"] == "completed"
