@@ -2,7 +2,8 @@
 
 Outgoing predictions are put into the object store by the actor itself, so the driver holds
 only a reference and routes it to the actors that need it: prediction bytes move actor to
-actor and never through the driver process.
+actor and never through the driver process. The weight-sharing baselines' WeightShares
+(agents/weight_sharing.py) travel the same way; for FedAvg one of the actors also plays the server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from agents.agent import AgentSpec, ExecutionConfig, PublicData
 from agents.group import Bundle
 from agents.hosting import build_group
 from agents.messages import EvalCounts
+from agents.weight_sharing import Mixing, WeightBundle, WeightShare, server_average
 
 
 class AgentGroupActor:
@@ -41,6 +43,24 @@ class AgentGroupActor:
 
     def evaluate(self) -> dict[int, EvalCounts]:
         return self.group.evaluate()
+
+    # ---- weight-sharing baselines only (fedavg, gossip): weights cross on purpose -----------
+
+    def export_weights(self, round_idx: int) -> tuple[dict[int, int], ray.ObjectRef]:
+        """Bytes of each hosted agent's WeightShare, and a reference to the bundle of shares."""
+        bundle = self.group.export_weights(round_idx)
+        return {agent_id: share.nbytes for agent_id, share in bundle.items()}, ray.put(bundle)
+
+    def mix_weights(self, mixing: Mixing, *incoming: WeightBundle) -> None:
+        """Gossip: Ray resolved `incoming` from the references the driver routed here."""
+        self.group.mix_weights(mixing, incoming)
+
+    def server_average(self, *bundles: WeightBundle) -> ray.ObjectRef:
+        """FedAvg's server, played by this actor: a reference to the shard-size-weighted mean."""
+        return ray.put(server_average(bundles))
+
+    def load_average(self, average: WeightShare) -> None:
+        self.group.load_average(average)
 
     def save(self, directory: str) -> None:
         """Agents write their own state to the run directory (never through the driver)."""

@@ -17,6 +17,7 @@ import torch
 
 from agents.agent import Agent, AgentSpec, ExecutionConfig, PublicData
 from agents.messages import EvalCounts, Prediction, check_metrics
+from agents.weight_sharing import Mixing, WeightBundle, WeightShare, load_weights, mix, share_weights
 
 Bundle = Mapping[int, Prediction]  # sender id -> its prediction on one public batch
 
@@ -66,6 +67,27 @@ class AgentGroup:
             agent_id: [by_sender[sender] for sender in agent.in_neighbours if sender in by_sender]
             for agent_id, agent in self.agents.items()
         }
+
+    # ---- weight-sharing baselines only (fedavg, gossip): weights cross on purpose -----------
+
+    def export_weights(self, round_idx: int) -> dict[int, WeightShare]:
+        """A copy of every hosted agent's weights after round `round_idx` (agents/weight_sharing.py)."""
+        return {agent_id: share_weights(agent, round_idx) for agent_id, agent in self.agents.items()}
+
+    def mix_weights(self, mixing: Mixing, incoming: Iterable[WeightBundle]) -> None:
+        """Gossip: every hosted agent with a row in `mixing` loads the weighted mean of its senders.
+
+        `incoming` must hold the shares of every sender in those rows (this group's own too);
+        every mean is computed before any agent's weights change.
+        """
+        hosted = [agent_id for agent_id in self.agents if agent_id in mixing]
+        for agent_id, tensors in mix(mixing, hosted, incoming).items():
+            load_weights(self.agents[agent_id], tensors)
+
+    def load_average(self, average: WeightShare) -> None:
+        """FedAvg: every hosted agent starts the next round from the server's average."""
+        for agent in self.agents.values():
+            load_weights(agent, average.tensors)
 
     def evaluate(self) -> dict[int, EvalCounts]:
         """Test-set counts per agent id."""

@@ -1,8 +1,11 @@
 """The round loop: numbered steps over a Backend, never touching Ray or payloads.
 
     1. place agents on workers and start them (resident for the whole run); on resume,
-       restore them from a checkpoint, else write the round-0 checkpoint
-    2. for each round: train + publish on the backend; record losses, bytes, time
+       restore them from a checkpoint, else start the method's exchange (the weight-sharing
+       baselines' common initial weights) and write the round-0 checkpoint
+    2. for each round: train + publish on the backend, then the method's exchange step
+       (sim/exchange.py: count the routed predictions, or average weights); record losses,
+       bytes, time
     3. every eval_every rounds (and after the last): evaluate, compute per-head accuracy
     4. every checkpoint_every rounds, or on SIGINT/SIGTERM: checkpoint (then stop on a signal)
     5. a worker died: roll the whole population back to the last checkpoint and replay
@@ -26,10 +29,11 @@ from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
 from sim.backends.base import WorkerLostError
 from sim.checkpoint import Checkpoint, CheckpointStore, LoopState
+from sim.exchange import Exchange, build_exchange
 from sim.experiment import Experiment
 from sim.interrupt import RunInterrupted, StopRequests
 from sim.loggers import Sink
-from sim.metrics import AgentHeadAccuracy, agent_accuracies, head_summary, mean_losses, round_bytes
+from sim.metrics import AgentHeadAccuracy, agent_accuracies, head_summary, mean_losses
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ def run_rounds(
 ) -> dict[str, Any]:
     """Steps 1-6 above; returns the summary that was written to run_dir/summary.json."""
     started = time.perf_counter()
+    exchange = build_exchange(experiment)  # before any worker: it may reject the config
+    if experiment.method.shares_weights:
+        notice = f"method={experiment.method_name} shares WEIGHTS: a baseline, not privacy-preserving"
+        print(f"mhd-sim: {notice}", file=sys.stderr)
     backend.start(plans, experiment.public)  # 1
     state = LoopState()
     if resume_from is not None:
@@ -74,14 +82,15 @@ def run_rounds(
         state = resume_from.state
         for sink in sinks:
             sink.rewind(state.next_round)
-    elif checkpoints.every > 0:
-        checkpoints.store.save(backend, state)
+    else:
+        exchange.start(backend)
+        if checkpoints.every > 0:
+            checkpoints.store.save(backend, state)
     setup_s = time.perf_counter() - started
-    out_degree = dict(experiment.graph.out_degree())  # messages each agent puts on edges per round
     with StopRequests() as stop:
         while state.next_round < experiment.rounds:
             try:
-                state = run_round(experiment, backend, sinks, state, out_degree)  # 2, 3
+                state = run_round(experiment, backend, sinks, state, exchange)  # 2, 3
                 due = checkpoints.every > 0 and state.next_round % checkpoints.every == 0
                 if due or stop.signum is not None:  # 4
                     saved = checkpoints.store.save(backend, state)
@@ -92,7 +101,7 @@ def run_rounds(
                 stopped = RunInterrupted(stop.signum, str(saved), str(run_dir))
                 write_json(run_dir / "summary.json", interrupted_summary(experiment, state, saved, stopped))
                 raise stopped
-    summary = final_summary(experiment, backend, state, time.perf_counter() - started, setup_s)  # 6
+    summary = final_summary(experiment, backend, exchange, state, time.perf_counter() - started, setup_s)  # 6
     write_json(run_dir / "summary.json", summary)
     for sink in sinks:
         sink.finish(summary)
@@ -100,15 +109,14 @@ def run_rounds(
 
 
 def run_round(
-    experiment: Experiment, backend: Backend, sinks: list[Sink], state: LoopState, out_degree: dict[int, int]
+    experiment: Experiment, backend: Backend, sinks: list[Sink], state: LoopState, exchange: Exchange
 ) -> LoopState:
     """One round (and its evaluation when due); the state advances only if all of it succeeded."""
     round_idx = state.next_round
     tick = time.perf_counter()
-    publish = experiment.method.exchanges and round_idx < experiment.rounds - 1
-    metrics = backend.run_round(round_idx, publish)
+    metrics = backend.run_round(round_idx, exchange.publishes(round_idx))
+    sent = exchange.after_training(backend, round_idx, metrics)
     elapsed = time.perf_counter() - tick
-    sent = round_bytes(metrics, out_degree)
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
     evaluated = None
     if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:
@@ -169,11 +177,12 @@ def _run_facts(experiment: Experiment) -> dict[str, Any]:
         "rounds": experiment.rounds,
         "seed": experiment.seed,
         "num_edges": experiment.graph.number_of_edges(),
+        "shares_weights": experiment.method.shares_weights,  # fedavg, gossip: baselines, not private
     }
 
 
 def final_summary(
-    experiment: Experiment, backend: Backend, state: LoopState, wall_s: float, setup_s: float
+    experiment: Experiment, backend: Backend, exchange: Exchange, state: LoopState, wall_s: float, setup_s: float
 ) -> dict[str, Any]:
     last = state.last_eval
     return {
@@ -184,7 +193,7 @@ def final_summary(
         "round_time_s_mean": sum(state.round_times_s) / max(len(state.round_times_s), 1),
         "comm_bytes_total": state.comm_bytes_total,
         "comm_bytes_per_round": state.comm_bytes_total / experiment.rounds,
-        "comm_bytes_per_edge_per_round": per_edge_per_round(experiment, state.comm_bytes_total),
+        "comm_bytes_per_edge_per_round": per_edge_per_round(exchange, state.comm_bytes_total),
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
         "final": {"round": last["round"], "heads": last["heads"], "per_agent": last["per_agent"]},
@@ -206,10 +215,10 @@ def by_backbone(experiment: Experiment, per_agent: dict[str, Any]) -> dict[str, 
     }
 
 
-def per_edge_per_round(experiment: Experiment, comm_bytes_total: int) -> float:
-    """One message's bytes: predictions travel on every edge in every round but the last."""
-    edge_rounds = experiment.graph.number_of_edges() * (experiment.rounds - 1)
-    return comm_bytes_total / edge_rounds if edge_rounds else 0.0
+def per_edge_per_round(exchange: Exchange, comm_bytes_total: int) -> float:
+    """One message's bytes: the total over the links that carried one (Exchange.link_rounds)."""
+    link_rounds = exchange.link_rounds()
+    return comm_bytes_total / link_rounds if link_rounds else 0.0
 
 
 def interrupted_summary(

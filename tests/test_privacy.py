@@ -6,6 +6,10 @@ of shape heads x public_batch x classes in float16, or numbers — never a tenso
 an optimizer state or a private sample. The audit goes on after one actor is killed and the
 population is restored from a checkpoint (the restored actors re-send their in-flight
 predictions, which are audited too).
+
+Weights cross on purpose in two baselines only, `fedavg` and `gossip`, as a `WeightShare`
+(agents/weight_sharing.py). The audit allows that type for exactly those methods: a run of
+every other method must never build one, and a share must hold model weights and nothing else.
 """
 
 from __future__ import annotations
@@ -22,14 +26,20 @@ import ray
 import torch
 
 from agents.messages import EvalCounts, Prediction
+from agents.model import MultiHeadModel
+from agents.weight_sharing import WeightShare
 from sim.backends import create_backend
 from sim.backends.base import WorkerLostError
 from sim.checkpoint import CheckpointStore, LoopState
 from sim.experiment import build_experiment
+from sim.methods import METHODS
+from sim.run import run
 from sim.simulation import group_plans
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.slow
+CONF = Path(__file__).resolve().parents[1] / "conf"
+WEIGHT_SHARING_BASELINES = {"fedavg", "gossip"}  # the only methods allowed to build a WeightShare
 
 
 def _leaves(obj: Any) -> list[Any]:
@@ -46,7 +56,7 @@ def _leaves(obj: Any) -> list[Any]:
 def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, tmp_path: Path) -> None:
     cfg = make_config(*TINY, "rounds=6", "runtime.agents_per_actor=2")
     experiment = build_experiment(cfg)
-    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    backend, groups = create_backend(experiment)
     store = CheckpointStore(tmp_path, keep=1)
     private_rows = {spec.private_x[i].tobytes() for spec in experiment.specs for i in range(len(spec.private_x))}
     shape = (1 + cfg.model.aux_heads, cfg.data.public_batch_size, 10)
@@ -57,7 +67,8 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
         for bundle in ray.get([ref for ref in backend.bundle_refs if ref is not None]):
             for sender, message in bundle.items():
                 assert isinstance(sender, int) and type(message) is Prediction
-                assert message.logits.shape == shape and message.logits.dtype == np.float16
+                logits = message.payload["logits"]
+                assert message.codec == "float16" and logits.shape == shape and logits.dtype == np.float16
                 assert message.nbytes == shape[0] * shape[1] * shape[2] * 2
                 assert message.embeddings is None  # embedding exchange is opt-in
                 audited_predictions += 1
@@ -92,3 +103,29 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
         backend.shutdown()
     # every agent's prediction of every round, plus the 4 re-sent after the restore
     assert audited_predictions == experiment.num_agents * (experiment.rounds + 1)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_weights_cross_only_in_the_weight_sharing_baselines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    built: list[WeightShare] = []
+    check = WeightShare.__post_init__
+
+    def record(share: WeightShare) -> None:
+        check(share)
+        built.append(share)
+
+    monkeypatch.setattr(WeightShare, "__post_init__", record)
+    cfg = make_config(*TINY, f"method={method}", "rounds=2", "runtime.backend=serial", "logger.report=false")
+    summary = run(cfg, tmp_path)
+    allowed = method in WEIGHT_SHARING_BASELINES
+    assert bool(built) == allowed == summary["shares_weights"]
+    label = (CONF / "method" / f"{method}.yaml").read_text().splitlines()[0]
+    assert (label == "# shares WEIGHTS — not privacy-preserving; a baseline.") == allowed
+    if allowed:  # model weights only: no optimizer state, no sample, float32
+        model = build_experiment(cfg).specs[0].model
+        names = {name for name, tensor in MultiHeadModel(model).state_dict().items() if tensor.is_floating_point()}
+        for share in built:
+            assert set(share.tensors) == names
+            assert all(array.dtype == np.float32 for array in share.tensors.values())

@@ -48,7 +48,7 @@ def _interrupt(run_dir: Path, at: int, signum: int, overrides: tuple[str, ...] =
     """Run in-process (serial backend) until the signal after round `at` stops it."""
     cfg = make_config(*RUN, "runtime.backend=serial", *overrides)
     experiment = build_experiment(cfg)
-    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    backend, groups = create_backend(experiment)
     policy = CheckpointPolicy(cfg.checkpoint_every, CheckpointStore(run_dir, cfg.checkpoint_keep))
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -99,7 +99,7 @@ class KillActorAt(Sink):
 def test_a_killed_actor_is_restarted_and_the_run_loses_no_round(ray_session: None, tmp_path: Path) -> None:
     cfg = make_config(*RUN, "runtime.backend=ray", "runtime.agents_per_actor=2")
     experiment = build_experiment(cfg)
-    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
+    backend, groups = create_backend(experiment)
     policy = CheckpointPolicy(cfg.checkpoint_every, CheckpointStore(tmp_path / "run", cfg.checkpoint_keep))
     (tmp_path / "run").mkdir()
     killer = KillActorAt(3, [])

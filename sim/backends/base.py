@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
+from agents.weight_sharing import Mixing
 
 
 class WorkerLostError(RuntimeError):
@@ -41,6 +42,23 @@ class Backend(ABC):
 
         Predictions published in round r are delivered to the in-neighbours in round r + 1.
         `publish=False` skips predicting (the last round, or a method without messages).
+        """
+
+    # The weight-sharing baselines (method=fedavg, gossip) only: these move WEIGHTS between agents.
+
+    @abstractmethod
+    def average_weights(self, round_idx: int) -> dict[int, int]:
+        """FedAvg: every agent's weights, averaged by shard size, become every agent's weights.
+
+        Called after round `round_idx`'s training. Returns the bytes of each agent's upload.
+        """
+
+    @abstractmethod
+    def mix_weights(self, round_idx: int, mixing: Mixing) -> dict[int, int]:
+        """Gossip: every agent in `mixing` loads the weighted mean of its row's senders' weights.
+
+        All agents' weights after round `round_idx` are taken before any agent's change.
+        Returns the bytes of each sender's share.
         """
 
     @abstractmethod

@@ -2,26 +2,41 @@
 
 The driver holds only ObjectRefs: each actor `ray.put`s its outgoing bundle and the driver
 passes that reference to the actors hosting the in-neighbours, so prediction bytes move actor
-to actor. Resources are checked before any actor is created, and a start-up that does not
-finish in time raises a named error instead of hanging.
+to actor. Resources are checked against the nodes before any actor is created, and a start-up
+that does not finish in time raises a named error instead of hanging.
+
+All actors' resources are reserved at once as one placement group (PACK or SPREAD over the
+nodes). On a cluster (`runtime.address`) the code travels with the job (sim.cluster.shipped_code),
+and with `runtime.shard_source=node` each actor reads its agents' private shards on its own
+node (NodeShardGroupActor).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
+from ray._private import ray_constants  # the loopback switch as the driver read it (see loopback_only)
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from agents.actor import RemoteAgentGroup
-from agents.agent import PublicData
+from agents.actor import AgentGroupActor, RemoteAgentGroup
+from agents.agent import AgentSpec, ExecutionConfig, PublicData
 from agents.messages import EvalCounts
+from agents.weight_sharing import Mixing
 from sim.backends.base import Backend, GroupPlan, WorkerLostError
-from sim.placement import Placement, RuntimeConfig, execution_config
+from sim.cluster import SHARD_SOURCES, NodeDataError, NodeShards, PrivateData, read_shards, shipped_code
+from sim.errors import ConfigError
+from sim.placement import Node, Placement, RuntimeConfig, execution_config, plan_placement
+
+if TYPE_CHECKING:
+    from sim.experiment import Experiment
 
 
 class ActorStartupError(RuntimeError):
@@ -31,33 +46,74 @@ class ActorStartupError(RuntimeError):
 class RayBackend(Backend):
     """One Ray actor per group; attaches to `runtime.address` or starts a local Ray."""
 
-    def __init__(self, runtime: RuntimeConfig, placement: Placement, owns_ray: bool) -> None:
+    def __init__(self, runtime: RuntimeConfig, placement: Placement, owns_ray: bool, private: PrivateData) -> None:
         self.runtime = runtime
         self.placement = placement
         self.owns_ray = owns_ray  # started Ray itself, so stops it on shutdown
-        self.execution = execution_config(runtime, placement.torch_threads)  # actors swap in "cuda" for a GPU
+        self.private = private  # where each agent's shard lives, for actors that read their own
         self.actors: list[Any] = []
         self.plans: list[GroupPlan] = []
         self.bundle_refs: list[ray.ObjectRef | None] = []
         self.locations: list[dict[str, str]] = []
+        self.node_ips: dict[str, str] = {}  # node id -> IP, for describe()
+        self.reservation: PlacementGroup | None = None
 
     def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
         self.plans = list(plans)
+        if len(self.plans) != len(self.placement.requests):
+            raise ValueError(f"{len(self.plans)} group plans for {len(self.placement.requests)} planned actors")
+        reservation = self._reserve()
         # One copy in the object store, read by every actor. Held here for the whole run: Ray
         # needs it again to re-run __init__ when it restarts a dead actor.
         self.public_ref = ray.put(public)
+        ship = SHARD_SOURCES.get(self.runtime.cluster.shard_source)
+        self.actors = []
+        for index, plan in enumerate(self.plans):
+            specs, node_shards = ship(plan.specs, self.private)
+            execution = execution_config(self.runtime, self.placement.torch_threads[index])  # "cuda" swapped in there
+            self.actors.append(self._create_actor(reservation, index, specs, execution, node_shards))
+        self._wait_ready()
+        self.node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        self.bundle_refs = [None] * len(self.actors)
+
+    def _reserve(self) -> PlacementGroup:
+        """Reserve every actor's resources at once (a placement group), or raise a named error in time.
+
+        The requests were checked to fit the nodes, so a reservation that does not complete
+        means other jobs hold the resources.
+        """
+        bundles = [request.amounts for request in self.placement.requests]
+        self.reservation = reservation = placement_group(bundles, strategy=self.placement.strategy)
+        try:
+            ray.get(reservation.ready(), timeout=self.runtime.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorStartupError(
+                f"the cluster did not free the resources of {len(bundles)} actors within runtime.startup_timeout_s="
+                f"{self.runtime.startup_timeout_s}s (other jobs hold them; see `ray status`)"
+            ) from None
+        return reservation
+
+    def _create_actor(
+        self,
+        reservation: PlacementGroup,
+        index: int,
+        specs: list[AgentSpec],
+        execution: ExecutionConfig,
+        node_shards: NodeShards | None,
+    ) -> Any:
+        """The actor of group `index`, in its own bundle of the reservation."""
+        request = self.placement.requests[index]
         options = {
-            "num_cpus": self.placement.num_cpus_per_group,
-            "num_gpus": self.placement.num_gpus_per_group,
+            "num_cpus": request.num_cpus,
+            "num_gpus": request.num_gpus,
+            "resources": request.custom,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(reservation, placement_group_bundle_index=index),
             "max_restarts": self.runtime.max_actor_restarts,  # Ray re-runs __init__ with the same specs
             "max_task_retries": 0,  # a lost call surfaces as WorkerLostError; the loop rolls back
         }
-        self.actors = [
-            RemoteAgentGroup.options(**options).remote(plan.specs, self.public_ref, self.execution)
-            for plan in self.plans
-        ]
-        self._wait_ready()
-        self.bundle_refs = [None] * len(self.actors)
+        if node_shards is None:
+            return RemoteAgentGroup.options(**options).remote(specs, self.public_ref, execution)
+        return RemoteNodeShardGroup.options(**options).remote(specs, self.public_ref, execution, node_shards)
 
     def _wait_ready(self) -> None:
         """Block until every actor has run its __init__; a start-up that hangs raises.
@@ -78,9 +134,11 @@ class RayBackend(Backend):
             except ray.exceptions.GetTimeoutError:
                 raise ActorStartupError(
                     f"{len(self.actors)} actors were not ready after runtime.startup_timeout_s="
-                    f"{self.runtime.startup_timeout_s}s (each asks for {self.placement.num_cpus_per_group} CPUs, "
-                    f"{self.placement.num_gpus_per_group} GPUs)"
+                    f"{self.runtime.startup_timeout_s}s"
                 ) from None
+            except NodeDataError as error:  # a node lacks the data its agents need: bad input, named
+                node_error = getattr(error, "cause", error)  # Ray raises RayTaskError(NodeDataError) here
+                raise node_error.config_error() from None
 
     def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
         calls = []
@@ -93,6 +151,41 @@ class RayBackend(Backend):
             metrics.update(group_metrics)
         self.bundle_refs = [bundle_ref for _, bundle_ref in results]
         return metrics
+
+    def average_weights(self, round_idx: int) -> dict[int, int]:
+        """Shares travel actor -> server (actor 0) -> every actor as references, never via the driver."""
+        uploads, refs = self._export_weights(range(len(self.actors)), round_idx)
+        (average,) = self._get([self.actors[0].server_average.remote(*refs.values())])
+        self._get([actor.load_average.remote(average) for actor in self.actors])
+        return uploads
+
+    def mix_weights(self, round_idx: int, mixing: Mixing) -> dict[int, int]:
+        """Each actor gets references to its agents' senders' shares, routed as predictions are."""
+        group_of = {spec.agent_id: index for index, plan in enumerate(self.plans) for spec in plan.specs}
+        rows: list[Mixing] = [
+            {spec.agent_id: mixing[spec.agent_id] for spec in plan.specs if spec.agent_id in mixing}
+            for plan in self.plans
+        ]
+        sources = [sorted({group_of[sender] for row in group.values() for sender, _ in row}) for group in rows]
+        sizes, refs = self._export_weights(sorted(set().union(*sources)), round_idx)
+        calls = [
+            actor.mix_weights.remote(group_rows, *(refs[source] for source in group_sources))
+            for actor, group_rows, group_sources in zip(self.actors, rows, sources, strict=True)
+            if group_rows
+        ]
+        self._get(calls)
+        return sizes
+
+    def _export_weights(self, groups: Iterable[int], round_idx: int) -> tuple[dict[int, int], dict[int, Any]]:
+        """Bytes of each share of `groups`' agents, and a reference to each group's bundle of shares."""
+        indices = list(groups)
+        results = self._get([self.actors[index].export_weights.remote(round_idx) for index in indices])
+        sizes: dict[int, int] = {}
+        refs: dict[int, Any] = {}
+        for index, (group_sizes, ref) in zip(indices, results, strict=True):
+            sizes.update(group_sizes)
+            refs[index] = ref
+        return sizes, refs
 
     def evaluate(self) -> dict[int, EvalCounts]:
         counts: dict[int, EvalCounts] = {}
@@ -119,6 +212,9 @@ class RayBackend(Backend):
             ray.kill(actor)
         self.actors = []
         self.bundle_refs = []
+        if self.reservation is not None:  # frees the nodes for the next run on a shared cluster
+            remove_placement_group(self.reservation)
+            self.reservation = None
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
 
@@ -128,26 +224,113 @@ class RayBackend(Backend):
             "actors": len(self.actors),
             "agents_per_actor": [len(plan.specs) for plan in self.plans],
             "nodes": sorted({location["node_id"] for location in self.locations}),
+            "node_ips": [self.node_ips.get(location["node_id"], "") for location in self.locations],
+            "placement_strategy": self.placement.strategy,
+            "shard_source": self.runtime.cluster.shard_source,
             "torch_threads": self.placement.torch_threads,
             "pids": [int(location["pid"]) for location in self.locations],
             "devices": [location["device"] for location in self.locations],
         }
 
 
+def create_ray_backend(experiment: Experiment) -> tuple[RayBackend, list[list[int]]]:
+    """Connect, then plan the experiment's agents onto the nodes; no actor exists until `start`."""
+    runtime = experiment.runtime
+    started_here = connect_ray(runtime)
+    try:
+        backbones = [spec.model.backbone for spec in experiment.specs]
+        placement = plan_placement(backbones, runtime, cluster_nodes())
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
+    return RayBackend(runtime, placement, started_here, experiment.private), placement.groups
+
+
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's nodes bind to 127.0.0.1 only
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Starts a single-node Ray on 127.0.0.1 instead of the machine's own address.
+
+    Ray reads the switch twice: its processes (raylet, workers) from the environment they
+    inherit, and this driver from `ray_constants.ENABLE_RAY_CLUSTER`, computed once when ray was
+    first imported, which setting the variable now no longer changes. Both are set for the
+    start-up and restored after it, so a later attach to a real cluster from this process still
+    gets the machine's address.
+    """
+    saved_env, saved_flag = os.environ.get(LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            del os.environ[LOOPBACK_SWITCH]
+        else:
+            os.environ[LOOPBACK_SWITCH] = saved_env
+
+
 def connect_ray(runtime: RuntimeConfig) -> bool:
-    """Attach to `runtime.address`, or start a local Ray on loopback; True if started here."""
+    """Attach to `runtime.address`, or start a new local Ray on loopback; True if connected here.
+
+    "local" makes Ray start a new instance even where `ray start` left an address behind;
+    sim.placement.check_cluster_address has rejected a missing address inside a cluster.
+    """
     if ray.is_initialized():
         return False
     if runtime.address is None:
-        # Keeps a single-node Ray on 127.0.0.1 instead of the machine's public address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        with loopback_only():
+            ray.init(address="local", num_cpus=runtime.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
-        ray.init(address=runtime.address, logging_level=logging.WARNING)
+        runtime_env = shipped_code() if runtime.cluster.ship_code else None
+        try:
+            ray.init(address=runtime.address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        except ConnectionError as error:  # no cluster there, or one that refuses this driver's token
+            reason = " ".join(str(error).split())
+            raise ConfigError(
+                "runtime.address",
+                runtime.address,
+                f"a Ray cluster this driver can join ({reason}; with token authentication, RAY_AUTH_MODE=token "
+                "and the cluster's token must be set here too)",
+            ) from None
     return True
 
 
-def cluster_capacity() -> tuple[float, float]:
-    """(CPUs, GPUs) the connected cluster has in total."""
-    resources = ray.cluster_resources()
-    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected cluster with their total resources."""
+    return [
+        Node(str(node["NodeManagerAddress"]), {str(name): float(amount) for name, amount in node["Resources"].items()})
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
+
+
+class NodeShardGroupActor(AgentGroupActor):
+    """An agent group that reads its agents' private shards on the node it runs on.
+
+    A node that cannot read them (a missing file, other data) does not die: it keeps the
+    error and reports it from `ready()`, so that the driver gets a NodeDataError it can turn
+    into a ConfigError, where an actor death would carry the cause only as text.
+    """
+
+    def __init__(
+        self, specs: Sequence[AgentSpec], public: PublicData, execution: ExecutionConfig, shards: NodeShards
+    ) -> None:
+        self.data_error: NodeDataError | None = None
+        try:
+            specs = read_shards(specs, shards, ray.util.get_node_ip_address())
+        except NodeDataError as error:
+            self.data_error = error
+            return
+        super().__init__(specs, public, execution)
+
+    def ready(self) -> dict[str, str]:
+        if self.data_error is not None:
+            raise self.data_error
+        return super().ready()
+
+
+RemoteNodeShardGroup = ray.remote(NodeShardGroupActor)

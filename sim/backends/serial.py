@@ -9,6 +9,7 @@ from agents.agent import ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
 from agents.hosting import build_group
 from agents.messages import EvalCounts
+from agents.weight_sharing import Mixing, WeightBundle, server_average
 from sim.backends.base import Backend, GroupPlan
 
 
@@ -37,6 +38,19 @@ class SerialBackend(Backend):
         self.bundles = outgoing
         return metrics
 
+    def average_weights(self, round_idx: int) -> dict[int, int]:
+        uploads = [group.export_weights(round_idx) for group in self.groups]
+        average = server_average(uploads)
+        for group in self.groups:
+            group.load_average(average)
+        return share_bytes(uploads)
+
+    def mix_weights(self, round_idx: int, mixing: Mixing) -> dict[int, int]:
+        shares = [group.export_weights(round_idx) for group in self.groups]  # all, before any mixes
+        for group in self.groups:
+            group.mix_weights(mixing, shares)
+        return share_bytes(shares)
+
     def evaluate(self) -> dict[int, EvalCounts]:
         counts: dict[int, EvalCounts] = {}
         for group in self.groups:
@@ -56,3 +70,7 @@ class SerialBackend(Backend):
 
     def describe(self) -> dict[str, object]:
         return {"backend": "serial", "workers": len(self.groups), "torch_threads": self.execution.torch_threads}
+
+
+def share_bytes(bundles: Sequence[WeightBundle]) -> dict[int, int]:
+    return {sender: share.nbytes for bundle in bundles for sender, share in bundle.items()}

@@ -1,0 +1,140 @@
+"""What agents send each other after a round's local training: one registered step per kind.
+
+    none         isolated, central: nothing
+    predictions  mhd, mean_teacher: logits on the next public batch, on every graph edge, in
+                 every round but the last (the round loop delivers them in the next round)
+    fedavg       shares WEIGHTS: every agent uploads its weights to a server, which averages them
+                 weighted by shard size; every agent downloads the average (a star: 2 links per agent)
+    gossip       shares WEIGHTS: every agent sends its weights on each out-edge of the graph and
+                 replaces its own by the mixing-weighted mean of its own and its in-neighbours'
+
+A method names its kind in `MethodPlan.exchange`. Each kind also says which links carry one
+message in a round, so that bytes per edge mean the same for every method: one message's size.
+Bytes count the payload arrays only (float32 weights: 4 bytes a value); the weight-sharing
+baselines' shared starting point (agent 0's initial weights, as a server or a common seed
+would give) is not counted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from agents.weight_sharing import INITIAL_ROUND
+from sim.backends import Backend
+from sim.errors import ConfigError
+from sim.metrics import round_bytes
+from sim.mixing import MIXING_RULES
+from sim.registry import Registry
+
+if TYPE_CHECKING:
+    from sim.experiment import Experiment
+
+RoundMetrics = Mapping[int, Mapping[str, float]]
+
+
+class Exchange(ABC):
+    """One method's communication step; built once per run from the experiment."""
+
+    def start(self, backend: Backend) -> None:
+        """Once before round 0 of a fresh run (a resumed run's agents already hold their state)."""
+        del backend  # nothing to prepare unless a kind says otherwise
+
+    def publishes(self, round_idx: int) -> bool:
+        """Whether agents predict on the next public batch at the end of round `round_idx`."""
+        del round_idx
+        return False
+
+    @abstractmethod
+    def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
+        """This round's exchange, once every agent trained; returns the bytes put on links."""
+
+    @abstractmethod
+    def link_rounds(self) -> int:
+        """Links that carry one message, summed over the run's rounds (bytes per edge divides by it)."""
+
+
+EXCHANGES: Registry[Callable[[Experiment], Exchange]] = Registry("method exchange")
+
+
+@EXCHANGES.register("none")
+class NoExchange(Exchange):
+    def __init__(self, experiment: Experiment) -> None:
+        del experiment
+
+    def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
+        return 0
+
+    def link_rounds(self) -> int:
+        return 0
+
+
+@EXCHANGES.register("predictions")
+class PredictionExchange(Exchange):
+    """Predictions travel as the backend routes them; here they are only counted."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        self.rounds = experiment.rounds
+        self.edges = experiment.graph.number_of_edges()
+        self.out_degree = dict(experiment.graph.out_degree())  # messages each agent puts on edges per round
+
+    def publishes(self, round_idx: int) -> bool:
+        return round_idx < self.rounds - 1  # nobody trains on a prediction made after the last round
+
+    def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
+        return round_bytes(metrics, self.out_degree)
+
+    def link_rounds(self) -> int:
+        return self.edges * (self.rounds - 1)
+
+
+class WeightExchange(Exchange):
+    """Shared by the weight-sharing baselines: one architecture, one starting point."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        models = {spec.model for spec in experiment.specs}
+        if len(models) > 1:
+            raise ConfigError(
+                "backbone",
+                sorted({model.backbone for model in models}),
+                f"one architecture for every agent: method={experiment.method_name} averages weights tensor by tensor",
+            )
+        self.agents = [spec.agent_id for spec in experiment.specs]
+        self.rounds = experiment.rounds
+
+    def start(self, backend: Backend) -> None:
+        """Every agent starts from agent 0's initial weights, as FedAvg and D-PSGD assume."""
+        backend.mix_weights(INITIAL_ROUND, {agent: ((0, 1.0),) for agent in self.agents})
+
+
+@EXCHANGES.register("fedavg")
+class FedAvgExchange(WeightExchange):
+    def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
+        uploads = backend.average_weights(round_idx)
+        return 2 * sum(uploads.values())  # each agent's upload, and its download of an equal-sized average
+
+    def link_rounds(self) -> int:
+        return 2 * len(self.agents) * self.rounds
+
+
+@EXCHANGES.register("gossip")
+class GossipExchange(WeightExchange):
+    def __init__(self, experiment: Experiment) -> None:
+        super().__init__(experiment)
+        assert experiment.method.mixing is not None  # the gossip builder always sets one
+        self.mixing = MIXING_RULES.get(experiment.method.mixing)(experiment.graph)
+        self.edges = experiment.graph.number_of_edges()
+        self.out_degree = dict(experiment.graph.out_degree())
+
+    def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
+        sizes = backend.mix_weights(round_idx, self.mixing)
+        return sum(sizes[agent] * degree for agent, degree in self.out_degree.items())
+
+    def link_rounds(self) -> int:
+        return self.edges * self.rounds
+
+
+def build_exchange(experiment: Experiment) -> Exchange:
+    """The exchange step of the experiment's method."""
+    return EXCHANGES.get(experiment.method.exchange)(experiment)
