@@ -1,4 +1,4 @@
-"""Where metrics go: the run directory's metrics.jsonl always, plus the sinks of `logger`.
+"""Where metrics go: the run directory's metrics.jsonl and rounds.jsonl always, plus the sinks of `logger`.
 
 A sink sees the run start, every round, every evaluation and the summary; `close` is always
 called (in a finally), so a wandb run is finished even when the simulation fails.
@@ -12,9 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from sim import plots
 from sim.registry import Registry
+from sim.rundir import read_graph, read_partition
 
 
 class Sink:
@@ -34,21 +41,21 @@ class Sink:
     def close(self) -> None: ...
 
 
-class JsonlSink(Sink):
-    """metrics.jsonl: one JSON line per evaluation, flushed as it happens."""
+class JsonlFile:
+    """An append-only JSON-lines file whose lines carry a "round" (rounds completed)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file = path.open("a")
 
-    def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
-    def rewind(self, next_round: int) -> None:
-        """Drop evaluations after round `next_round` (their rounds will be run again)."""
+    def keep_through(self, last_round: int) -> None:
+        """Drop the lines after round `last_round` (their rounds will be run again)."""
         self.file.close()
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["round"] <= next_round]
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
         partial = self.path.with_suffix(".partial")
         partial.write_text("".join(line + "\n" for line in kept))
         partial.replace(self.path)
@@ -56,6 +63,32 @@ class JsonlSink(Sink):
 
     def close(self) -> None:
         self.file.close()
+
+
+class JsonlSink(Sink):
+    """metrics.jsonl (one line per evaluation) and rounds.jsonl (one per round), flushed as written.
+
+    rounds.jsonl holds what every round reports (losses, bytes sent, round time), so that the
+    run report can plot them per round even when evaluations are sparse.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.evaluations = JsonlFile(run_dir / "metrics.jsonl")
+        self.rounds = JsonlFile(run_dir / "rounds.jsonl")
+
+    def log_round(self, round_idx: int, record: dict[str, float]) -> None:
+        self.rounds.append({**record, "round": round_idx + 1})  # rounds completed, as in metrics.jsonl
+
+    def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
+        self.evaluations.append(record)
+
+    def rewind(self, next_round: int) -> None:
+        self.evaluations.keep_through(next_round)
+        self.rounds.keep_through(next_round)
+
+    def close(self) -> None:
+        self.evaluations.close()
+        self.rounds.close()
 
 
 class ConsoleSink(Sink):
@@ -105,46 +138,156 @@ def format_head_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PER_AGENT_COLUMNS = ("round", "agent", "head", "shared_acc", "private_acc")  # the wandb.Table per evaluation
+
+
 class WandbSink(Sink):
-    """One wandb run per simulation (online, offline for `wandb sync` later, or disabled)."""
+    """One wandb run per simulation (online, offline for `wandb sync` later, or disabled).
+
+    Runs of one sweep share a group (the sweep directory, or `logger.group`) and are named by
+    their overrides; the job type is the method, so the UI can split MHD from baselines. Every
+    chart is plotted against `round`, so a rollback's replayed rounds appear as extra points
+    rather than being dropped for going back in wandb's own step. Images come from sim/plots,
+    the same figures as report.html.
+    """
 
     def __init__(self, params: dict[str, Any], run_dir: Path) -> None:
         self.params = params
         self.run_dir = run_dir
         self.run: Any = None
+        self.pending: dict[str, Any] = {}  # this round's record, until its evaluation (if any) joins it
+        self.completed = False
 
     def start(self, config: dict[str, Any], total_rounds: int) -> None:
         import wandb  # imported here: runs without logger=wandb never pay for it
 
+        sweep_group, job_name = hydra_job_names()
         self.run = wandb.init(
             project=self.params["project"],
             entity=self.params["entity"],
-            group=self.params["group"],
+            group=self.params["group"] or sweep_group,
+            name=self.params["run_name"] or job_name,
             tags=list(self.params["tags"]),
             mode=self.params["mode"],
             job_type=config["method"]["name"],
             dir=str(self.run_dir),
             config=config,
         )
+        self.run.define_metric("round")
+        self.run.define_metric("*", step_metric="round")
+        class_counts = read_partition(self.run_dir / "partition.csv")
+        graph = read_graph(self.run_dir / "graph.edgelist", len(class_counts))
+        self.run.log(
+            {
+                "round": 0,
+                "setup/graph": _image(plots.communication_graph(graph)),
+                "setup/partition": _image(plots.partition_heatmap(class_counts)),
+            }
+        )
 
     def log_round(self, round_idx: int, record: dict[str, float]) -> None:
-        self.run.log(record, step=round_idx)
+        self._flush()
+        self.pending = {**record, "round": round_idx + 1}  # rounds completed, as in metrics.jsonl
 
     def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
-        flat = {f"acc/{head}/{name}": value for head, row in record["heads"].items() for name, value in row.items()}
-        self.run.log(flat, step=round_idx)
+        import wandb
+
+        for head, row in record["heads"].items():
+            for metric in ("shared_acc", "private_acc"):
+                self.pending[f"{metric}/{head}"] = row[metric]
+                self.pending[f"{metric}/{head}_min"] = row[f"{metric}_min"]
+                self.pending[f"{metric}/{head}_max"] = row[f"{metric}_max"]
+        rows = [
+            [record["round"], int(agent), head, accuracy["shared_acc"], accuracy["private_acc"]]
+            for agent, heads in record["per_agent"].items()
+            for head, accuracy in heads.items()
+        ]
+        self.pending["per_agent"] = wandb.Table(columns=list(PER_AGENT_COLUMNS), data=rows)
+        self._flush()
+
+    def rewind(self, next_round: int) -> None:
+        self._flush()  # what is logged stays logged: wandb cannot un-log
 
     def finish(self, summary: dict[str, Any]) -> None:
-        final = summary["final"]["heads"]
-        self.run.summary.update({f"final/{head}/{name}": v for head, row in final.items() for name, v in row.items()})
-        self.run.summary.update(
-            {"wall_time_s": summary["wall_time_s"], "comm_bytes_total": summary["comm_bytes_total"]}
+        self._flush()
+        final = summary["final"]
+        per_agent = {int(agent): heads for agent, heads in final["per_agent"].items()}
+        graph = read_graph(self.run_dir / "graph.edgelist", summary["num_agents"])
+        main_shared = {agent: heads["main"]["shared_acc"] for agent, heads in per_agent.items()}
+        self.run.log(
+            {
+                "round": final["round"],
+                "final/graph": _image(plots.communication_graph(graph, main_shared)),
+                "final/private_vs_shared": _image(plots.private_vs_shared(per_agent)),
+            }
         )
+        self.run.summary.update(flatten({key: value for key, value in summary.items() if key != "final"}))
+        self.run.summary.update(flatten({"final": {"round": final["round"], "heads": final["heads"]}}))
+        self.completed = True
 
     def close(self) -> None:
         if self.run is not None:
-            self.run.finish()
-            self.run = None
+            try:
+                self._flush()
+            finally:
+                self.run.finish(exit_code=0 if self.completed else 1)  # a failed run shows as failed
+                self.run = None
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.run.log(self.pending)
+            self.pending = {}
+
+
+def hydra_job_names() -> tuple[str | None, str | None]:
+    """(group, run name) from the Hydra job, if any: a sweep's directory and what this job varies.
+
+    Outside a sweep there is no group and the name is the command line's overrides.
+    """
+    if not HydraConfig.initialized():
+        return None, None
+    hydra = HydraConfig.get()
+    all_overrides = str(hydra.job.override_dirname) or None
+    if hydra.mode != RunMode.MULTIRUN:
+        return None, all_overrides
+    sweep_dir = Path(str(hydra.sweep.dir))
+    return str(sweep_dir), swept_overrides(sweep_dir, [str(o) for o in hydra.overrides.task]) or all_overrides
+
+
+def swept_overrides(sweep_dir: Path, job_overrides: list[str]) -> str:
+    """This job's overrides of the keys its sweep varies (`method=isolated,seed=1`), or "".
+
+    The sweep's own overrides (`method=mhd,isolated seed=0,1`) are in the multirun.yaml that
+    Hydra's basic sweeper writes before the first job; other sweepers may not write it.
+    """
+    saved = sweep_dir / "multirun.yaml"
+    if not saved.is_file():
+        return ""
+    parser = OverridesParser.create()
+    sweep = parser.parse_overrides([str(o) for o in OmegaConf.load(saved).hydra.overrides.task])
+    swept = {override.get_key_element() for override in sweep if override.is_sweep_override()}
+    parsed = parser.parse_overrides(job_overrides)
+    return ",".join(
+        text for text, override in zip(job_overrides, parsed, strict=True) if override.get_key_element() in swept
+    )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of `a/b/c` keys (how wandb groups summary values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _image(figure: Figure) -> Any:
+    import wandb
+
+    return wandb.Image(plots.pixels(figure))
 
 
 SinkBuilder = Callable[[dict[str, Any], Path], list[Sink]]

@@ -1,10 +1,11 @@
 """One simulation from a composed config to a run directory.
 
 Writes, next to Hydra's own files: config.yaml (resolved), partition.csv (class counts per
-agent), graph.edgelist, metrics.jsonl (one line per evaluation), checkpoints/ and
-summary.json. `resume=RUN_DIR` continues a run in its own directory from its newest intact
-checkpoint, with the config it was started with (only `runtime` and `logger` may change:
-where a run continues does not change its results).
+agent), graph.edgelist, metrics.jsonl (one line per evaluation), rounds.jsonl (one per round),
+checkpoints/, summary.json and, once the run completes, report.html with plots/.
+`resume=RUN_DIR` continues a run in its own directory from its newest intact checkpoint, with
+the config it was started with (only `runtime` and `logger` may change: where a run continues
+does not change its results).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sim.errors import ConfigError
 from sim.experiment import Experiment, build_experiment
 from sim.interrupt import RunInterrupted
 from sim.loggers import LOGGERS, JsonlSink, Sink
+from sim.report import write_run_report
 from sim.simulation import CheckpointPolicy, group_plans, run_rounds, write_json
 from sim.validation import non_negative_int, positive_int
 
@@ -42,8 +44,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     experiment = build_experiment(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    backend, groups = create_backend(experiment.runtime, experiment.num_agents)
-    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    backend, groups = create_backend(experiment)
+    sinks: list[Sink] = [JsonlSink(run_dir)]
     try:
         plans = group_plans(experiment, groups)
         if experiment.runtime.vectorize:  # before any worker starts
@@ -54,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         sinks += LOGGERS.get(str(cfg.logger.name))(_plain(cfg.logger), run_dir)
         for sink in sinks:
             sink.start(_plain(cfg), experiment.rounds)
-        return run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
+        summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
     except RunInterrupted:
         raise  # summary.json already says "interrupted" and how to resume
     except BaseException as error:
@@ -64,6 +66,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for sink in sinks:
             sink.close()
         backend.shutdown()
+    if cfg.logger.report:  # after the summary is final: a plotting error cannot mark the run failed
+        print(f"report: {write_run_report(run_dir)}", flush=True)
+    return summary
 
 
 def resumed_run(cfg: DictConfig) -> tuple[DictConfig, Path, Checkpoint]:
@@ -96,6 +101,8 @@ def check_names(cfg: DictConfig) -> None:
     LOGGERS.get(str(cfg.logger.name))
     if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
         raise ConfigError("logger.mode", cfg.logger.mode, f"one of {', '.join(WANDB_MODES)}")
+    if not isinstance(cfg.logger.report, bool):
+        raise ConfigError("logger.report", cfg.logger.report, "true or false")
 
 
 def _plain(node: DictConfig) -> dict[str, Any]:

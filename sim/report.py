@@ -1,0 +1,219 @@
+"""`mhd-sim-report`: a report page with plots for a run, or for every run of a sweep plus its comparison.
+
+    mhd-sim-report RUN_DIR                                  # RUN_DIR/report.html + RUN_DIR/plots/*.png
+    mhd-sim-report SWEEP_DIR                                # every run's report, and in SWEEP_DIR:
+                                                            #   report.html, comparison.md/.csv, plots/
+    mhd-sim-report SWEEP_DIR [SWEEP_DIR ...] --out DIR      # several sweeps compared in DIR
+
+A run writes its own report when it completes (`logger.report`); this command is for runs
+from before, and for sweeps. The page is static HTML that references PNGs by relative path,
+so a run directory can be copied, zipped or opened offline and still shows everything.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from sim import plots
+from sim.aggregate import Comparison, compare, describe_skipped, one_line_errors, parser, table, write_comparison
+from sim.errors import ConfigError
+from sim.rundir import Run, is_run_dir, load_run
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; } pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+.facts td:first-child { font-weight: 600; }
+"""
+SPREAD = ("", "_min", "_max")  # the mean, min and max over agents in summary.json's head rows
+
+
+@dataclass(frozen=True)
+class RunFigure:
+    file: str  # under plots/
+    caption: str
+    draw: Callable[[Run], Figure]
+
+
+def _main_shared(run: Run) -> dict[int, float]:
+    return {agent: heads["main"]["shared_acc"] for agent, heads in run.final_per_agent().items()}
+
+
+RUN_FIGURES = (
+    RunFigure(
+        "accuracy.png",
+        "Shared and private accuracy of every head vs round (mean over agents; band: min to max).",
+        lambda run: plots.accuracy_curves(run.evaluations),
+    ),
+    RunFigure(
+        "private_vs_shared.png",
+        "Final accuracy per agent: above the diagonal an agent is better on its own class mix than on all classes.",
+        lambda run: plots.private_vs_shared(run.final_per_agent()),
+    ),
+    RunFigure(
+        "graph.png",
+        "Who learns from whom, agents coloured by their final main-head shared accuracy.",
+        lambda run: plots.communication_graph(run.graph, _main_shared(run)),
+    ),
+    RunFigure(
+        "partition.png",
+        "Private samples per agent and class (partition.csv).",
+        lambda run: plots.partition_heatmap(run.class_counts),
+    ),
+    RunFigure(
+        "communication.png",
+        "Bytes of predictions put on the graph's edges, and wall time, per round.",
+        lambda run: plots.communication_per_round(run.rounds),
+    ),
+)
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """RUN_DIR/report.html and RUN_DIR/plots/*.png for a completed run; returns the page's path."""
+    run = load_run(run_dir)
+    if not run.completed:
+        status = f"{run.summary.get('status')}: {run.summary.get('error', 'see summary.json')}"
+        raise ConfigError("RUN_DIR", str(run_dir), f"a completed run (this one is {status})")
+    for figure in RUN_FIGURES:
+        plots.save(figure.draw(run), run_dir / "plots" / figure.file)
+    page = run_dir / "report.html"
+    page.write_text(run_page(run))
+    return page
+
+
+def run_page(run: Run) -> str:
+    summary, config = run.summary, run.config
+    title = f"{summary['method']} on {summary['dataset']}: {summary['num_agents']} agents, {summary['rounds']} rounds"
+    facts = {
+        "run directory": str(run.directory),
+        "topology / partition": f"{_name(config, 'topology')} / {_name(config, 'partition')}",
+        "backbone": _name(config, "backbone"),
+        "seed": summary["seed"],
+        "wall time": f"{summary['wall_time_s']:.1f} s (set-up {summary['setup_time_s']:.1f} s, "
+        f"{summary['round_time_s_mean']:.2f} s per round)",
+        "communication": f"{summary['comm_bytes_total'] / 1e6:.2f} MB in total, "
+        f"{summary['comm_bytes_per_edge_per_round'] / 1e3:.1f} kB per edge per round, "
+        f"{summary['num_edges']} edges",
+        "runtime": ", ".join(f"{key} {value}" for key, value in summary.get("runtime", {}).items()),
+        "recovery": ", ".join(f"{key} {value}" for key, value in summary.get("recovery", {}).items()),
+    }
+    head_rows = [
+        [head, *(f"{row[f'{metric}{suffix}']:.3f}" for metric in ("shared_acc", "private_acc") for suffix in SPREAD)]
+        for head, row in summary["final"]["heads"].items()
+    ]
+    agent_rows = [
+        [str(agent), head, f"{acc['shared_acc']:.3f}", f"{acc['private_acc']:.3f}"]
+        for agent, heads in run.final_per_agent().items()
+        for head, acc in heads.items()
+    ]
+    config_text = (run.directory / "config.yaml").read_text()
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        _table(["", ""], [[key, str(value)] for key, value in facts.items()], css="facts"),
+        f"<h2>Final accuracy per head (round {summary['final']['round']}, over agents)</h2>",
+        _table(["head", "shared mean", "min", "max", "private mean", "min", "max"], head_rows),
+        "<h2>Plots</h2>",
+        *(_figure(f"plots/{figure.file}", figure.caption) for figure in RUN_FIGURES),
+        "<h2>Final accuracy per agent</h2>",
+        f"<details><summary>{len(agent_rows)} rows</summary>",
+        _table(["agent", "head", "shared", "private"], agent_rows),
+        "</details>",
+        "<h2>Config</h2>",
+        f"<pre>{html.escape(config_text)}</pre>",
+    ]
+    return _page(title, body)
+
+
+def write_sweep_report(directories: Sequence[Path], out: Path, ignore: Sequence[str] = ()) -> Path:
+    """Every completed run's report, the comparison of `directories`, and OUT/report.html."""
+    comparison = compare(directories, ignore)
+    for group in comparison.groups:
+        for run in group.runs:
+            write_run_report(run.directory)
+    write_comparison(comparison, out)
+    page = out / "report.html"
+    page.write_text(sweep_page(comparison, directories, out))
+    return page
+
+
+def sweep_page(comparison: Comparison, directories: Sequence[Path], out: Path) -> str:
+    runs = sum(len(group.runs) for group in comparison.groups)
+    title = f"Sweep: {runs} runs in {len(comparison.groups)} groups"
+    header, rows = table(comparison)
+    links = [
+        f'<li><a href="{html.escape(_relative(run.directory / "report.html", out))}">'
+        f"{html.escape(str(run.directory))}</a>: {html.escape(group.label)}, seed {run.summary['seed']}</li>"
+        for group in comparison.groups
+        for run in group.runs
+    ]
+    skipped = [f"<li>{html.escape(line)}</li>" for line in describe_skipped(comparison)]
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>From {html.escape(', '.join(map(str, directories)))}. Grouped by "
+        f"{html.escape(', '.join(comparison.keys) or 'nothing (one configuration)')}; "
+        "the runs of a group differ only in their seed.</p>",
+        "<h2>Comparison (comparison.md, comparison.csv)</h2>",
+        _table(header, rows),
+        "<p>Accuracy: final, mean over agents; ± is the sample std over seeds.</p>",
+        _figure("plots/final_accuracy.png", "Final accuracy per group and head; whiskers: std over seeds."),
+        _figure("plots/accuracy_vs_round.png", "Accuracy per head vs round, mean over seeds (band: ± std)."),
+        "<h2>Runs</h2>",
+        f"<ul>{''.join(links)}</ul>",
+        *([f"<h2>Skipped (not completed)</h2><ul>{''.join(skipped)}</ul>"] if skipped else []),
+    ]
+    return _page(title, body)
+
+
+def _name(config: dict[str, Any], group: str) -> str:
+    return str(config.get(group, {}).get("name", "?"))
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], css: str = "") -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header) if any(header) else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    opening = f'<table class="{css}">' if css else "<table>"
+    return opening + (f"<tr>{head}</tr>" if head else "") + body + "</table>"
+
+
+def _figure(source: str, caption: str) -> str:
+    return (
+        f'<figure><img src="{html.escape(source)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _page(title: str, body: Sequence[str]) -> str:
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `mhd-sim-report` console script."""
+    arguments = parser("mhd-sim-report")
+    arguments.add_argument("--out", type=Path, help="where a sweep's comparison goes (default: the one SWEEP_DIR)")
+    args = arguments.parse_args(argv)
+    with one_line_errors("mhd-sim-report"):
+        if len(args.paths) == 1 and is_run_dir(args.paths[0]):
+            print(write_run_report(args.paths[0]))
+            return
+        if args.out is None and len(args.paths) > 1:
+            raise ConfigError("--out", None, "a folder for the comparison of several directories")
+        print(write_sweep_report(args.paths, args.out or args.paths[0], args.ignore))
