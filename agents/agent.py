@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from agents.codecs import MESSAGE_CODECS, CodecConfig
 from agents.losses import (
     EMBEDDING_TERM,
     DistillConfig,
@@ -25,7 +26,7 @@ from agents.losses import (
     mhd_terms,
     weighted_total,
 )
-from agents.messages import MESSAGE_DTYPES, EvalCounts, Prediction
+from agents.messages import EvalCounts, Prediction
 from agents.model import ModelConfig, MultiHeadModel, head_names
 from agents.public import public_batch_indices
 
@@ -51,7 +52,10 @@ class AgentSpec:
     model: ModelConfig
     train: TrainConfig
     distill: DistillConfig | None  # None: the agent never distils (isolated, central)
-    message_dtype: str  # key of MESSAGE_DTYPES for outgoing predictions
+    message_codec: CodecConfig  # wire format of outgoing predictions (agents/codecs.py)
+
+    def __post_init__(self) -> None:
+        self.message_codec.check(self.model.num_classes)  # a ConfigError before any agent is built
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class Agent:
         self.public_x = torch.from_numpy(public.public_x).to(device)  # shared by the group's agents
         self._order = torch.randperm(len(self.private_y), generator=self.generator)
         self._cursor = 0
+        self._batch_index: torch.Tensor | None = None  # the latest private minibatch's shard indices
         # A support-conditioned backbone (HyperTransformer) predicts and evaluates with one fixed
         # support set from the agent's own shard, drawn once, so its published predictions are a
         # function of its weights alone; training draws a fresh one every step.
@@ -165,8 +170,8 @@ class Agent:
 
     def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets) -> dict[str, torch.Tensor]:
         x, y, pick = self.step_batch(public_batch)
-        if self.support_size:
-            self.model.backbone.condition(*self._draw_support())
+        if self.support_size:  # an episode: support and query samples do not overlap
+            self.model.backbone.condition(*self._draw_support(exclude=self._batch_index))
         with self.autocast():
             logits, embedding = self.forward(x.contiguous(memory_format=self.memory_format))
         if self.bf16:  # losses in float32
@@ -198,11 +203,22 @@ class Agent:
             self._cursor = 0
         index = self._order[self._cursor : self._cursor + size].to(self.device)
         self._cursor += size
+        self._batch_index = index
         return self.private_x[index], self.private_y[index]
 
-    def _draw_support(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`support_size` labelled samples of the own shard (all of it when smaller), without replacement."""
-        pick = torch.randperm(len(self.private_y), generator=self.generator)[: self.support_size].to(self.device)
+    def _draw_support(self, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`support_size` labelled samples of the own shard, without replacement.
+
+        Samples in `exclude` (the step's query batch) are left out unless nothing else is left;
+        a shard smaller than `support_size` gives all it has.
+        """
+        candidates = torch.arange(len(self.private_y), device=self.device)
+        if exclude is not None and len(exclude) < len(candidates):
+            keep = torch.ones(len(candidates), dtype=torch.bool, device=self.device)
+            keep[exclude] = False
+            candidates = candidates[keep]
+        order = torch.randperm(len(candidates), generator=self.generator)[: self.support_size].to(self.device)
+        pick = candidates[order]
         return self.private_x[pick].contiguous(memory_format=self.memory_format), self.private_y[pick]
 
     def _condition_for_inference(self) -> None:
@@ -223,10 +239,10 @@ class Agent:
         main: TeacherChoice | None = None
         for head in range(self.model.num_heads if candidates else 0):
             source_head = max(head - 1, 0)
-            usable = [m.logits[source_head] for m in candidates if m.num_heads > source_head]
+            usable = [m.decode(source_head) for m in candidates if m.num_heads > source_head]  # [P, C] each
             if not usable:
                 continue
-            stacked = torch.from_numpy(np.stack(usable)).to(self.device)  # [N, P, C]
+            stacked = torch.stack(usable).to(self.device)  # [N, P, C] logits or log-probabilities
             choice = choose_teacher(stacked, distill.temperature, distill.teacher_rule, self.generator)
             main = choice if head == 0 else main
             targets[head_term(self.heads[head])] = choice.probs  # [P, C]
@@ -262,13 +278,17 @@ class Agent:
         return self.publish(batch_id, logits, projected)
 
     def publish(self, batch_id: int, logits: torch.Tensor, projected: torch.Tensor | None) -> Prediction:
-        """Wrap logits [heads, P, C] (and P_i(e) [P, D]) as this agent's outgoing message."""
-        dtype = MESSAGE_DTYPES[self.spec.message_dtype]
-        payload = logits.float().cpu().numpy().astype(dtype)
-        if not np.isfinite(payload).all():
-            raise TrainingDivergedError(f"agent {self.agent_id}'s logits do not fit {dtype} (round {batch_id - 1})")
-        embeddings = None if projected is None else projected.float().cpu().numpy().astype(dtype)
-        message = Prediction(self.agent_id, batch_id, payload, embeddings)
+        """Encode logits [heads, P, C] (and P_i(e) [P, D]) as this agent's outgoing message."""
+        codec = self.spec.message_codec
+        logits = logits.float()
+        payload = codec.encode(logits)
+        if not bool(torch.isfinite(logits).all()) or not all(np.isfinite(array).all() for array in payload.values()):
+            raise TrainingDivergedError(
+                f"agent {self.agent_id}'s logits are not finite in the {codec.name} codec (round {batch_id - 1})"
+            )
+        embedding_dtype = MESSAGE_CODECS.get(codec.name).embedding_dtype
+        embeddings = None if projected is None else projected.float().cpu().numpy().astype(embedding_dtype)
+        message = Prediction(self.agent_id, batch_id, codec.name, self.model.num_classes, payload, embeddings)
         self.last_published = message
         return message
 
@@ -319,7 +339,8 @@ class Agent:
             if published is None
             else {
                 "batch_id": published.batch_id,
-                "logits": torch.from_numpy(published.logits.copy()),
+                "codec": published.codec,
+                "payload": {name: torch.from_numpy(array.copy()) for name, array in published.payload.items()},
                 "embeddings": None if published.embeddings is None else torch.from_numpy(published.embeddings.copy()),
             },
         }
@@ -338,6 +359,8 @@ class Agent:
             self.last_published = Prediction(
                 self.agent_id,
                 int(published["batch_id"]),
-                published["logits"].numpy(),
+                str(published["codec"]),
+                self.model.num_classes,
+                {name: array.numpy() for name, array in published["payload"].items()},
                 None if embeddings is None else embeddings.numpy(),
             )

@@ -38,9 +38,7 @@ class MultiHeadModel(nn.Module):
         super().__init__()
         self.num_heads = 1 + config.aux_heads
         self.num_classes = config.num_classes
-        self.backbone = build_backbone(
-            config.backbone, config.input_shape, self.num_heads, **config.backbone_params
-        )
+        self.backbone = build_backbone(config.backbone, config.input_shape, self.num_heads, **config.backbone_params)
         width = int(self.backbone.num_features)
         self.heads = nn.Linear(width, self.num_heads * config.num_classes)
         self.projection: nn.Module | None = None

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from agents.agent import AgentSpec, PublicData, TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
 from agents.model import ModelConfig, MultiHeadModel
+from sim.cluster import DataSource, PrivateData, cluster_config
 from sim.data.options import check_options
 from sim.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
 from sim.errors import ConfigError
@@ -76,6 +77,7 @@ class Experiment(Settings):
     specs: list[AgentSpec]  # one per model (a single one for the central method)
     public: PublicData
     dataset: str
+    private: PrivateData  # each spec's rows of the dataset, for actors that read them on their node
 
 
 def check_config(cfg: DictConfig) -> Settings:
@@ -144,18 +146,25 @@ def build_experiment(cfg: DictConfig) -> Experiment:
             model=models[agent_id],
             train=settings.train,
             distill=method.distill,
-            message_dtype=method.message_dtype,
+            message_codec=method.message_codec,
         )
         for agent_id, part in enumerate(parts)
     ]
     if method.central:
         specs = [_central_spec(specs, seed)]
+        parts = [np.concatenate(parts)]  # the central model's rows: every shard, in agent order
     public = PublicData(
         split.public_x, settings.public_batch_size, derive_seed(seed, "public_schedule"), splits.test.x, splits.test.y
     )
     fixed = {field.name: getattr(settings, field.name) for field in fields(Settings)}
     fixed["graph"] = graph  # emptied for methods without messages
-    return Experiment(**fixed, class_counts=class_counts, specs=specs, public=public, dataset=splits.name)
+    private = PrivateData(
+        DataSource(str(cfg.data.name), root, seed, _params(cfg.data, drop=DATA_SPLIT_KEYS), settings.public_size),
+        {spec.agent_id: rows for spec, rows in zip(specs, parts, strict=True)},
+    )
+    return Experiment(
+        **fixed, class_counts=class_counts, specs=specs, public=public, dataset=splits.name, private=private
+    )
 
 
 def runtime_config(runtime: DictConfig) -> RuntimeConfig:
@@ -175,6 +184,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         compile=boolean("runtime.compile", runtime.compile),
         vectorize=boolean("runtime.vectorize", runtime.vectorize),
         bf16=boolean("runtime.bf16", runtime.bf16),
+        cluster=cluster_config(runtime),
     )
     check_gpus_exist(config, torch.cuda.is_available())
     check_cluster_address(config)
@@ -266,6 +276,7 @@ def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, n
     built: dict[str, ModelConfig] = {}
     models = []
     for name, params in backbone_assignment(cfg.backbone, num_agents):
+        params = _with_dataset_classes(name, params, splits.num_classes)
         if name not in built:
             built[name] = ModelConfig(
                 backbone=name,
@@ -277,6 +288,19 @@ def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, n
             )
         models.append(built[name])
     return models
+
+
+def _with_dataset_classes(name: str, params: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """A backbone's `num_classes: null` (e.g. a HyperTransformer's label embedding) is the dataset's count."""
+    if "num_classes" not in params:
+        return params
+    if params["num_classes"] is None:
+        return {**params, "num_classes": num_classes}
+    if params["num_classes"] != num_classes:
+        raise ConfigError(
+            "backbone.num_classes", params["num_classes"], f"null or the dataset's {num_classes} classes ({name})"
+        )
+    return params
 
 
 def _check_model_builds(model: ModelConfig) -> None:

@@ -53,7 +53,9 @@ def test_a_mixed_population_runs_and_reports_each_backbone(tmp_path: Path) -> No
     summary = run(make_config(*TINY, *MIXED, "runtime.backend=serial"), tmp_path / "run")
     assert summary["backbones"] == ["small_cnn", "resnet8", "small_cnn", "resnet8"]
     assert set(summary["by_backbone"]) == {"small_cnn", "resnet8"}
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["by_backbone"]["resnet8"]["main"]["shared_acc"] >= 0
+    assert (
+        json.loads((tmp_path / "run" / "summary.json").read_text())["by_backbone"]["resnet8"]["main"]["shared_acc"] >= 0
+    )
 
 
 def test_per_head_embeddings_feed_each_head_its_own() -> None:
@@ -65,3 +67,10 @@ def test_per_head_embeddings_feed_each_head_its_own() -> None:
     for head in range(3):
         alone = model.heads(embeddings[head]).view(5, 3, 10)[:, head]  # head `head` on its own embedding
         torch.testing.assert_close(per_head[head], alone)
+
+
+def test_mixed_offers_every_registered_backbone() -> None:
+    """Every backbone can join a mixed population without editing mixed.yaml."""
+    from agents.backbones import BACKBONES
+
+    assert set(make_config("backbone=mixed").backbone.members) == set(BACKBONES.names())

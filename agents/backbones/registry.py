@@ -78,9 +78,7 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], model_heads: in
 
 def check_param_names(name: str, builder: Callable[..., Backbone], params: dict[str, object]) -> None:
     """Turns a missing or unknown param into a ConfigError; a TypeError would not name the key."""
-    expected = {
-        p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY
-    }
+    expected = {p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY}
     missing = sorted(expected - params.keys())
     if missing:
         raise ConfigError(
