@@ -265,7 +265,9 @@ def backbone_assignment(backbone: DictConfig, num_agents: int) -> list[tuple[str
     for name in pattern:
         if name not in members:
             raise ConfigError("backbone.pattern", list(pattern), f"names from backbone.members ({', '.join(members)})")
-    return [(str(pattern[i % len(pattern)]), _params(members[pattern[i % len(pattern)]])) for i in range(num_agents)]
+    configured = {str(name): _params(members[name]) for name in dict.fromkeys(pattern)}  # each member once
+    names = [str(pattern[i % len(pattern)]) for i in range(num_agents)]
+    return [(name, configured[name]) for name in names]
 
 
 def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, num_agents: int) -> list[ModelConfig]:
@@ -276,11 +278,10 @@ def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, n
     built: dict[str, ModelConfig] = {}
     models = []
     for name, params in backbone_assignment(cfg.backbone, num_agents):
-        params = _with_dataset_classes(name, params, splits.num_classes)
         if name not in built:
             built[name] = ModelConfig(
                 backbone=name,
-                backbone_params=params,
+                backbone_params=_with_dataset_classes(name, params, splits.num_classes),
                 input_shape=splits.input_shape,
                 num_classes=splits.num_classes,
                 aux_heads=method.aux_heads,
