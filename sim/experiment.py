@@ -43,6 +43,9 @@ from topologies import build_topology, in_neighbours
 
 MIXED_BACKBONES = "mixed"  # conf/backbone/mixed.yaml: per-agent backbones from a pattern
 
+# Keys of conf/backbone/*.yaml read here; the rest are the builder's options.
+BACKBONE_OWN_KEYS = ("name", "optimizer")
+
 # Keys of conf/data/*.yaml consumed here; the rest are options of the dataset loader.
 DATA_SPLIT_KEYS = ("name", "root", "public_size", "public_batch_size")
 
@@ -64,7 +67,8 @@ class Settings:
     method: MethodPlan
     graph: nx.DiGraph  # edge u -> v: v distils from u's predictions
     runtime: RuntimeConfig
-    train: TrainConfig
+    train: TrainConfig  # the train group as configured
+    agent_train: tuple[TrainConfig, ...]  # per agent: train with its backbone's optimizer overrides
     public_size: int
     public_batch_size: int
 
@@ -96,6 +100,7 @@ def check_config(cfg: DictConfig) -> Settings:
     if public_batch_size > public_size:
         raise ConfigError("data.public_batch_size", public_batch_size, f"at most data.public_size={public_size}")
     _check_builder_options(cfg)
+    train = train_config(cfg.train)
     return Settings(
         num_agents=num_agents,
         rounds=positive_int("rounds", cfg.rounds),
@@ -105,7 +110,8 @@ def check_config(cfg: DictConfig) -> Settings:
         method=METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads),
         graph=build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology)),
         runtime=runtime_config(cfg.runtime),
-        train=train_config(cfg.train),
+        train=train,
+        agent_train=agent_train_configs(backbone_assignment(cfg.backbone, num_agents), train),
         public_size=public_size,
         public_batch_size=public_batch_size,
     )
@@ -144,7 +150,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
             private_x=split.private.x[part],
             private_y=split.private.y[part],
             model=models[agent_id],
-            train=settings.train,
+            train=settings.agent_train[agent_id],
             distill=method.distill,
             message_codec=method.message_codec,
         )
@@ -198,7 +204,7 @@ def train_config(train: DictConfig) -> TrainConfig:
     if not isinstance(optimizer, dict) or "_target_" not in optimizer:
         raise ConfigError("train.optimizer", optimizer, "a mapping with _target_ (e.g. torch.optim.SGD) and its kwargs")
     kwargs = {str(key): value for key, value in optimizer.items()}
-    _check_optimizer(kwargs)
+    _check_optimizer(kwargs, "train.optimizer")
     return TrainConfig(
         local_steps=positive_int("train.local_steps", train.local_steps),
         batch_size=positive_int("train.batch_size", train.batch_size),
@@ -208,37 +214,58 @@ def train_config(train: DictConfig) -> TrainConfig:
     )
 
 
-def _check_optimizer(optimizer: dict[str, Any]) -> None:
+def agent_train_configs(backbones: list[AgentBackbone], train: TrainConfig) -> tuple[TrainConfig, ...]:
+    """Each agent's TrainConfig: `train` with its backbone's `optimizer` overrides applied.
+
+    A backbone's optimizer keys replace those of train.optimizer (e.g. `{lr: 0.02}` for a
+    backbone that diverges at the population's rate); an override that names another
+    `_target_` replaces the whole optimizer, since the base kwargs belong to another class.
+    Agents of one backbone share one TrainConfig, so the vectorised step still groups them.
+    """
+    merged: dict[str, TrainConfig] = {}
+    for backbone in _distinct(backbones):
+        overrides = backbone.optimizer
+        if not overrides:
+            merged[backbone.key] = train
+            continue
+        other_class = overrides.get("_target_", train.optimizer["_target_"]) != train.optimizer["_target_"]
+        optimizer = dict(overrides) if other_class else {**train.optimizer, **overrides}
+        _check_optimizer(optimizer, f"{backbone.key}.optimizer")
+        merged[backbone.key] = replace(train, optimizer=optimizer)
+    return tuple(merged[backbone.key] for backbone in backbones)
+
+
+def _check_optimizer(optimizer: dict[str, Any], key: str) -> None:
     """Builds the optimizer as every Agent will, on one throwaway parameter.
 
     A bad `_target_` or kwarg then fails here, once, naming its key, instead of inside every
     agent after the workers have started.
     """
     target = str(optimizer["_target_"])
-    optimizer_class = _import_class(target)
+    optimizer_class = _import_class(target, f"{key}._target_")
     if not issubclass(optimizer_class, torch.optim.Optimizer):
-        raise ConfigError("train.optimizer._target_", target, "a subclass of torch.optim.Optimizer")
-    _check_kwarg_names(optimizer_class, optimizer)
+        raise ConfigError(f"{key}._target_", target, "a subclass of torch.optim.Optimizer")
+    _check_kwarg_names(optimizer_class, optimizer, key)
     try:
         instantiate(optimizer, params=[torch.nn.Parameter(torch.zeros(1))])
     except InstantiationException as error:
         kwargs = {key: value for key, value in optimizer.items() if key != "_target_"}
         reason = " ".join(str(error.__cause__ or error).split())
-        raise ConfigError("train.optimizer", kwargs, f"{target} rejects them: {reason}") from None
+        raise ConfigError(key, kwargs, f"{target} rejects them: {reason}") from None
 
 
-def _check_kwarg_names(optimizer_class: type, optimizer: dict[str, Any]) -> None:
+def _check_kwarg_names(optimizer_class: type, optimizer: dict[str, Any], key: str) -> None:
     """A misspelt kwarg named as its key, with the accepted ones (Hydra's `_..._` keys are its own)."""
     parameters = inspect.signature(optimizer_class).parameters
     if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
         return
     accepted = [name for name in parameters if name != "params"]
-    for key, value in optimizer.items():
-        if not key.startswith("_") and key not in accepted:
-            raise ConfigError(f"train.optimizer.{key}", value, f"{optimizer['_target_']} takes {', '.join(accepted)}")
+    for name, value in optimizer.items():
+        if not name.startswith("_") and name not in accepted:
+            raise ConfigError(f"{key}.{name}", value, f"{optimizer['_target_']} takes {', '.join(accepted)}")
 
 
-def _import_class(path: str) -> type:
+def _import_class(path: str, key: str) -> type:
     """The class at `path` (module.Class); Hydra's own locator would log each failure to stderr."""
     module_name, _, name = path.rpartition(".")
     try:
@@ -246,18 +273,28 @@ def _import_class(path: str) -> type:
     except (ImportError, AttributeError, ValueError):
         found = None
     if not isinstance(found, type):
-        raise ConfigError("train.optimizer._target_", path, "an importable optimizer class, e.g. torch.optim.SGD")
+        raise ConfigError(key, path, "an importable optimizer class, e.g. torch.optim.SGD")
     return found
 
 
-def backbone_assignment(backbone: DictConfig, num_agents: int) -> list[tuple[str, dict[str, Any]]]:
-    """(registry name, builder params) of each agent's backbone.
+@dataclass(frozen=True)
+class AgentBackbone:
+    """One agent's backbone as configured: what the builder gets and what the driver reads."""
+
+    name: str  # registry name
+    params: dict[str, Any]  # the builder's options
+    optimizer: dict[str, Any]  # overrides of train.optimizer for agents with this backbone
+    key: str  # where it is configured, for error messages: backbone or backbone.members.NAME
+
+
+def backbone_assignment(backbone: DictConfig, num_agents: int) -> list[AgentBackbone]:
+    """Each agent's backbone.
 
     One backbone for everyone, or `backbone=mixed`: agent i gets `pattern[i % len(pattern)]`,
     configured by `members.NAME` (conf/backbone/mixed.yaml).
     """
     if backbone.name != MIXED_BACKBONES:
-        return [(str(backbone.name), _params(backbone))] * num_agents
+        return [_agent_backbone(str(backbone.name), backbone, "backbone")] * num_agents
     pattern = backbone.get("pattern")
     members = backbone.get("members") or {}
     if not isinstance(pattern, ListConfig) or len(pattern) == 0:
@@ -265,9 +302,31 @@ def backbone_assignment(backbone: DictConfig, num_agents: int) -> list[tuple[str
     for name in pattern:
         if name not in members:
             raise ConfigError("backbone.pattern", list(pattern), f"names from backbone.members ({', '.join(members)})")
-    configured = {str(name): _params(members[name]) for name in dict.fromkeys(pattern)}  # each member once
-    names = [str(pattern[i % len(pattern)]) for i in range(num_agents)]
-    return [(name, configured[name]) for name in names]
+    configured = {  # each member once
+        str(name): _agent_backbone(str(members[name].name), members[name], f"backbone.members.{name}")
+        for name in dict.fromkeys(pattern)
+    }
+    return [configured[str(pattern[i % len(pattern)])] for i in range(num_agents)]
+
+
+def _distinct(backbones: list[AgentBackbone]) -> list[AgentBackbone]:
+    """Each configured backbone once, in order of first use."""
+    return list({backbone.key: backbone for backbone in backbones}.values())
+
+
+def _agent_backbone(name: str, group: DictConfig, key: str) -> AgentBackbone:
+    """A backbone group split into the builder's options and the optimizer overrides."""
+    node = group.get("optimizer")
+    optimizer = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    optimizer = {} if optimizer is None else optimizer
+    if not isinstance(optimizer, dict):
+        raise ConfigError(f"{key}.optimizer", optimizer, "a mapping of train.optimizer keys, e.g. {lr: 0.02}")
+    return AgentBackbone(
+        name=name,
+        params=_params(group, drop=BACKBONE_OWN_KEYS),
+        optimizer={str(k): v for k, v in optimizer.items()},
+        key=key,
+    )
 
 
 def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, num_agents: int) -> list[ModelConfig]:
@@ -277,17 +336,17 @@ def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, n
         projection = positive_int("model.embedding_dim", cfg.model.embedding_dim)
     built: dict[str, ModelConfig] = {}
     models = []
-    for name, params in backbone_assignment(cfg.backbone, num_agents):
-        if name not in built:
-            built[name] = ModelConfig(
-                backbone=name,
-                backbone_params=_with_dataset_classes(name, params, splits.num_classes),
+    for backbone in backbone_assignment(cfg.backbone, num_agents):
+        if backbone.key not in built:
+            built[backbone.key] = ModelConfig(
+                backbone=backbone.name,
+                backbone_params=_with_dataset_classes(backbone.name, backbone.params, splits.num_classes),
                 input_shape=splits.input_shape,
                 num_classes=splits.num_classes,
                 aux_heads=method.aux_heads,
                 embedding_projection=projection,
             )
-        models.append(built[name])
+        models.append(built[backbone.key])
     return models
 
 
@@ -318,8 +377,8 @@ def _check_builder_options(cfg: DictConfig) -> None:
     data, partitioner = str(cfg.data.name), str(cfg.partition.name)
     check_options("data", data, DATASETS.get(data), _params(cfg.data, drop=DATA_SPLIT_KEYS))
     check_options("partition", partitioner, PARTITIONERS.get(partitioner), _params(cfg.partition))
-    for backbone, params in dict(backbone_assignment(cfg.backbone, int(cfg.num_agents))).items():
-        check_param_names(backbone, BACKBONES.get(backbone), params)
+    for backbone in _distinct(backbone_assignment(cfg.backbone, int(cfg.num_agents))):
+        check_param_names(backbone.name, BACKBONES.get(backbone.name), backbone.params)
 
 
 def _check_every_agent_has_data(parts: list[np.ndarray], partition_name: str) -> None:

@@ -8,6 +8,13 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from agents.agent import ExecutionConfig
+
+# How an Agent built directly in a test runs: one CPU thread, none of the speed options.
+PLAIN_CPU = ExecutionConfig(
+    device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False
+)
+
 # A tiny run: 4 agents on digits, 3 rounds — seconds on 2 cores.
 TINY = [
     "num_agents=4",

@@ -6,12 +6,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from agents.agent import Agent, ExecutionConfig
+from agents.agent import Agent
 from agents.messages import Prediction
 from sim.experiment import build_experiment
+from tests.conftest import PLAIN_CPU as PLAIN
 from tests.conftest import TINY, make_config
-
-PLAIN = ExecutionConfig(device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False)
 
 
 def _agent(*overrides: str, agent_id: int = 0) -> Agent:

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from agents.agent import Agent, ExecutionConfig
+from agents.agent import Agent
 from agents.backbones import build_backbone
 from agents.backbones.hypertransformer import GeneratedConv, HyperTransformer, TrainedConv
 from sim.errors import ConfigError
 from sim.experiment import build_experiment
 from sim.metrics import agent_accuracies
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 from tests.test_backbones import INPUT_SHAPES, yaml_params
 
 SHAPE = (1, 28, 28)
@@ -201,7 +201,7 @@ def test_a_hypertransformer_agent_learns_digits() -> None:
     experiment = build_experiment(
         make_config(*TINY, "backbone=hypertransformer", "method=isolated", "train.local_steps=20")
     )
-    plain = ExecutionConfig("cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False)
+    plain = PLAIN_CPU
     agent = Agent(experiment.specs[0], experiment.public, plain)
     assert agent.eval_support is not None and len(agent.eval_support[0]) == agent.support_size
 
@@ -218,9 +218,6 @@ def test_a_hypertransformer_agent_learns_digits() -> None:
 
 
 def test_num_classes_comes_from_the_dataset_and_a_mismatch_is_one_named_error() -> None:
-    from sim.experiment import build_experiment
-    from tests.conftest import TINY, make_config
-
     experiment = build_experiment(make_config(*TINY, "backbone=hypertransformer"))
     assert experiment.specs[0].model.backbone_params["num_classes"] == 10  # digits
     with pytest.raises(ConfigError, match="backbone.num_classes"):
@@ -228,13 +225,7 @@ def test_num_classes_comes_from_the_dataset_and_a_mismatch_is_one_named_error() 
 
 
 def test_a_training_step_draws_support_disjoint_from_its_query_batch() -> None:
-    from agents.agent import Agent, ExecutionConfig
-    from sim.experiment import build_experiment
-    from tests.conftest import TINY, make_config
-
-    plain = ExecutionConfig(
-        device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False
-    )
+    plain = PLAIN_CPU
     experiment = build_experiment(make_config(*TINY, "backbone=hypertransformer", "method=isolated"))
     agent = Agent(experiment.specs[0], experiment.public, plain)
     agent.step_batch(None)

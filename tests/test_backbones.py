@@ -19,11 +19,12 @@ BATCH = 4
 
 
 def yaml_params(name: str) -> dict[str, Any]:
-    """conf/backbone/NAME.yaml as builder kwargs (without `name`)."""
+    """conf/backbone/NAME.yaml as builder kwargs (without `name` and the driver's `optimizer`)."""
     conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
     assert isinstance(conf, dict)
     params = {str(key): value for key, value in conf.items()}
     assert params.pop("name") == name
+    params.pop("optimizer", None)
     if "num_classes" in params and params["num_classes"] is None:  # the driver fills in the dataset's
         params["num_classes"] = 10
     return params

@@ -77,6 +77,16 @@ BAD_INPUTS = [
     case("+train.optimizer.lrr=0.1", key="train.optimizer.lrr", value="0.1", id="misspelt-optimizer-kwarg"),
     case("train.optimizer.lr=-1", key="train.optimizer", value="-1", id="negative-learning-rate"),
     case("train.optimizer=sgd", key="train.optimizer", value="'sgd'", id="optimizer-not-a-mapping"),
+    case("+backbone.optimizer.lrr=0.1", key="backbone.optimizer.lrr", value="0.1", id="misspelt-backbone-kwarg"),
+    case("+backbone.optimizer.lr=-1", key="backbone.optimizer", value="-1", id="negative-backbone-learning-rate"),
+    case("+backbone.optimizer=sgd", key="backbone.optimizer", value="sgd", id="backbone-optimizer-not-a-mapping"),
+    case(
+        "backbone=mixed",
+        "backbone.members.hypertransformer.optimizer._target_=torch.optim.Nope",
+        key="backbone.members.hypertransformer.optimizer._target_",
+        value="Nope",
+        id="mixed-member-optimizer-import",
+    ),
     # runtime and logger
     case("runtime.backend=threads", key="runtime.backend", value="'threads'", id="unknown-backend"),
     case("runtime.torch_threads=0", key="runtime.torch_threads", value="0", id="zero-threads"),

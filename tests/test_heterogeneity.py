@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.agent import Agent
 from agents.model import ModelConfig, MultiHeadModel
 from sim.errors import ConfigError
 from sim.experiment import build_experiment
 from sim.run import run
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 
 MIXED = ["backbone=mixed", "backbone.pattern=[small_cnn,resnet8]"]
 
@@ -34,6 +35,32 @@ def test_member_overrides_reach_only_their_backbone() -> None:
     params = {spec.model.backbone: spec.model.backbone_params for spec in experiment.specs}
     assert params["resnet8"]["norm"] == "group"
     assert "norm" not in params["small_cnn"]
+
+
+def test_a_backbone_optimizer_override_reaches_only_its_agents() -> None:
+    """A member's `optimizer` keys replace those of train.optimizer for its agents alone."""
+    experiment = build_experiment(
+        make_config(*TINY, *MIXED, "train.optimizer.lr=0.05", "+backbone.members.resnet8.optimizer.lr=0.02")
+    )
+    small_cnn, resnet8 = experiment.specs[0], experiment.specs[1]
+    assert resnet8.train.optimizer == {**small_cnn.train.optimizer, "lr": 0.02}
+    assert small_cnn.train.optimizer["lr"] == 0.05
+    agent = Agent(resnet8, experiment.public, PLAIN_CPU)
+    assert [group["lr"] for group in agent.optimizer.param_groups] == [0.02]
+    assert agent.optimizer.param_groups[0]["momentum"] == small_cnn.train.optimizer["momentum"]
+
+
+def test_another_optimizer_class_replaces_the_base_kwargs() -> None:
+    """SGD's momentum would be an unknown kwarg of Adam: naming a new _target_ starts from empty."""
+    experiment = build_experiment(make_config(*TINY, "+backbone.optimizer={_target_:torch.optim.Adam,lr:0.001}"))
+    assert experiment.specs[0].train.optimizer == {"_target_": "torch.optim.Adam", "lr": 0.001}
+
+
+def test_the_hypertransformer_gets_its_own_learning_rate_by_default() -> None:
+    """conf/backbone/hypertransformer.yaml lowers lr to 0.02 (0.05 collapsed agents under MHD)."""
+    config = make_config(*TINY, "backbone=mixed", "backbone.pattern=[small_cnn,hypertransformer]")
+    trains = build_experiment(config).agent_train
+    assert [train.optimizer["lr"] for train in trains] == [config.train.optimizer.lr, 0.02] * 2
 
 
 @pytest.mark.parametrize(
