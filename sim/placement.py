@@ -1,13 +1,16 @@
 """Which agents share a worker process, what each worker asks the cluster for, and whether the
 cluster can ever give it.
 
-Agents of one backbone share workers; each backbone's agents are spread in contiguous,
-near-equal blocks, so neighbours in a ring mostly share a worker. A worker asks for the
-runtime-wide `num_cpus_per_actor`, `num_gpus_per_actor` and custom `resources`, or for its
-backbone's entry in `runtime.backbone_resources` (a large backbone may take a whole GPU where a
-small one takes a quarter). Default count: workers are added one at a time, to the backbone
-with the most agents per worker, while one more still fits on some node; on one machine with
-one backbone that is one worker per CPU core (or per GPU slot).
+Agents share workers by *kind*: every backbone with its own entry in
+`runtime.backbone_resources` is a kind of its own (a large backbone may take a whole GPU where a
+small one takes a quarter), and the backbones without one form a single kind that asks for the
+runtime-wide `num_cpus_per_actor`, `num_gpus_per_actor` and custom `resources` (with
+`runtime.vectorize`, each backbone is its own kind: one vmapped model per worker). So a mixed
+population of four backbones runs on two cores without any setting. A kind's agents are spread
+in contiguous, near-equal blocks, so neighbours in a ring mostly share a worker. Default count:
+workers are added one at a time, to the kind with the most agents per worker, while one more
+still fits on some node; on one machine with one kind that is one worker per CPU core (or per
+GPU slot).
 
 Requests are packed onto the nodes' own totals, not the cluster's sum: two nodes with one CPU
 each cannot host a two-CPU worker, and Ray would wait forever without a word. So a request no
@@ -167,7 +170,10 @@ def execution_config(runtime: RuntimeConfig, threads: int) -> ExecutionConfig:
 
 
 def actor_request(runtime: RuntimeConfig, backbone: str) -> ActorRequest:
-    """The request of a worker hosting `backbone` agents: its backbone_resources entry over the runtime-wide one."""
+    """The request of a worker hosting `backbone` agents: its backbone_resources entry over the runtime-wide one.
+
+    A backbone without an entry (or SHARED_KIND) gets the runtime-wide request.
+    """
     amounts = {"CPU": runtime.num_cpus_per_actor, "GPU": runtime.num_gpus_per_actor, **runtime.cluster.resources}
     keys = {"CPU": "runtime.num_cpus_per_actor", "GPU": "runtime.num_gpus_per_actor"}
     keys |= {name: f"runtime.resources.{name}" for name in runtime.cluster.resources}
@@ -192,40 +198,55 @@ def plan_placement(backbones: Sequence[str], runtime: RuntimeConfig, nodes: Sequ
     if runtime.agents_per_actor is not None and runtime.agents_per_actor < 1:
         raise ConfigError("runtime.agents_per_actor", runtime.agents_per_actor, "an integer >= 1 or null")
     members: dict[str, list[int]] = {}
+    names: dict[str, dict[str, None]] = {}  # kind -> its backbones, for messages
     for agent_id, backbone in enumerate(backbones):
-        members.setdefault(backbone, []).append(agent_id)
-    requests = {backbone: actor_request(runtime, backbone) for backbone in members}
+        kind = _worker_kind(backbone, runtime)
+        members.setdefault(kind, []).append(agent_id)
+        names.setdefault(kind, {})[backbone] = None
+    requests = {kind: actor_request(runtime, kind) for kind in members}
+    described = {kind: "/".join(names[kind]) for kind in members}
     packing = _Packing(nodes)
     if runtime.agents_per_actor is not None:
-        counts = {backbone: math.ceil(len(ids) / runtime.agents_per_actor) for backbone, ids in members.items()}
-        for backbone, count in counts.items():
+        counts = {kind: math.ceil(len(ids) / runtime.agents_per_actor) for kind, ids in members.items()}
+        for kind, count in counts.items():
             for _ in range(count):
-                packing.place_or_fail(requests[backbone], f"{count} actors for {backbone} agents")
+                packing.place_or_fail(requests[kind], f"{count} actors for {described[kind]} agents")
     else:
-        counts = _fill(members, requests, packing)
+        counts = _fill(members, requests, packing, described)
     groups, group_requests, threads = [], [], []
-    for backbone, ids in members.items():
-        for block in np.array_split(np.array(ids), counts[backbone]):
+    for kind, ids in members.items():
+        for block in np.array_split(np.array(ids), counts[kind]):
             groups.append(block.tolist())
-            group_requests.append(requests[backbone])
-            threads.append(runtime.torch_threads or max(1, math.floor(requests[backbone].num_cpus)))
+            group_requests.append(requests[kind])
+            threads.append(runtime.torch_threads or max(1, math.floor(requests[kind].num_cpus)))
     return Placement(groups, group_requests, threads, runtime.cluster.placement_strategy)
 
 
-def _fill(members: dict[str, list[int]], requests: dict[str, ActorRequest], packing: _Packing) -> dict[str, int]:
-    """Actors per backbone: one each, then one more at a time to the most crowded backbone while it fits."""
+SHARED_KIND = ""
+"""The worker kind of every backbone without its own resources (actor_request("") is the runtime-wide one)."""
+
+
+def _worker_kind(backbone: str, runtime: RuntimeConfig) -> str:
+    """Which workers may host a `backbone` agent: its own if it asks for its own resources or is vmapped."""
+    return backbone if runtime.vectorize or backbone in runtime.cluster.backbone_resources else SHARED_KIND
+
+
+def _fill(
+    members: dict[str, list[int]], requests: dict[str, ActorRequest], packing: _Packing, described: dict[str, str]
+) -> dict[str, int]:
+    """Actors per kind: one each, then one more at a time to the most crowded kind while it fits."""
     counts = {}
-    for backbone in members:
-        packing.place_or_fail(requests[backbone], f"actors for every backbone ({', '.join(members)})")
-        counts[backbone] = 1
-    growing = [backbone for backbone in members if counts[backbone] < len(members[backbone])]
+    for kind in members:
+        packing.place_or_fail(requests[kind], f"actors for every kind of worker ({', '.join(described.values())})")
+        counts[kind] = 1
+    growing = [kind for kind in members if counts[kind] < len(members[kind])]
     while growing:
-        backbone = max(growing, key=lambda name: len(members[name]) / counts[name])  # ties: the first listed
-        if packing.place(requests[backbone]):
-            counts[backbone] += 1
-            if counts[backbone] < len(members[backbone]):
+        kind = max(growing, key=lambda name: len(members[name]) / counts[name])  # ties: the first listed
+        if packing.place(requests[kind]):
+            counts[kind] += 1
+            if counts[kind] < len(members[kind]):
                 continue
-        growing.remove(backbone)
+        growing.remove(kind)
     return counts
 
 

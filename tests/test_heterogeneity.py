@@ -101,3 +101,11 @@ def test_mixed_offers_every_registered_backbone() -> None:
     from agents.backbones import BACKBONES
 
     assert set(make_config("backbone=mixed").backbone.members) == set(BACKBONES.names())
+
+
+def test_more_backbones_than_cores_run_on_the_ray_backend(ray_session: None, tmp_path: Path) -> None:
+    """Three backbones on the 2-CPU test cluster with default resources: they share the two workers."""
+    pattern = "backbone.pattern=[small_cnn,resnet8,modular_resnet]"
+    summary = run(make_config(*TINY, "backbone=mixed", pattern, "runtime.backend=ray"), tmp_path / "run")
+    assert summary["runtime"]["actors"] == 2
+    assert set(summary["by_backbone"]) == {"small_cnn", "resnet8", "modular_resnet"}

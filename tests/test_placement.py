@@ -1,4 +1,8 @@
-"""Agents are grouped by backbone into workers that fit the nodes; impossible requests fail up front."""
+"""Agents are grouped into workers that fit the nodes; impossible requests fail up front.
+
+Backbones that ask for the runtime-wide resources share workers; one with its own
+`runtime.backbone_resources` entry (or any backbone, when vectorised) gets workers of its own.
+"""
 
 from __future__ import annotations
 
@@ -83,6 +87,24 @@ def test_agents_of_one_backbone_share_actors_with_their_backbone_request() -> No
     assert sorted(agent for group in cnn_groups for agent in group) == [1, 3, 4, 5]
     assert len(cnn_groups) == 4  # the 2 CPUs left give 4 half-CPU actors
     assert placement.torch_threads[placement.groups.index([0])] == 1
+
+
+def test_backbones_without_their_own_resources_share_workers() -> None:
+    """Four backbones on two cores: two workers in ring order, as for one backbone."""
+    backbones = ["resnet8", "modular_resnet", "memory_vit", "hypertransformer"] * 2
+    placement = plan_placement(backbones, _runtime(), _machine(2))
+    assert placement.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [request.amounts for request in placement.requests] == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_vectorised_backbones_get_workers_of_their_own_and_must_fit() -> None:
+    """One vmapped model per worker: each backbone is its own kind, so four do not fit two cores."""
+    backbones = [CNN, "resnet8"] * 4
+    placement = plan_placement(backbones, _runtime(vectorize=True), _machine(2))
+    assert [sorted({backbones[agent] for agent in group}) for group in placement.groups] == [[CNN], ["resnet8"]]
+    four = ["resnet8", "modular_resnet", "memory_vit", "hypertransformer"] * 2
+    with pytest.raises(ConfigError, match=r"runtime.num_cpus_per_actor=1.0 .*every kind of worker \(resnet8, "):
+        plan_placement(four, _runtime(vectorize=True), _machine(2))
 
 
 def test_custom_resources_pin_actors_to_the_nodes_that_have_them() -> None:
