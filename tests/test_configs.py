@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from sim.loggers import LOGGERS
+from sim.experiment import check_config
 from sim.methods import METHODS
 from tests.conftest import make_config
 
@@ -26,6 +28,31 @@ def test_every_experiment_composes_and_says_how_to_run_it(experiment: str) -> No
     cfg = make_config(f"+experiment={experiment}")
     assert cfg.num_agents >= 1
     assert f"+experiment={experiment}" in (CONF / "experiment" / f"{experiment}.yaml").read_text()
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `mhd-sim` command in a study file's header, one override list per --multirun combination."""
+    commands = []
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            words = line.lstrip("# ").split("#")[0].split()
+            if not words or words[0] != "mhd-sim":
+                continue
+            overrides = [word for word in words[1:] if word not in ("--multirun", "$D")]
+            choices = [
+                [f"{word.split('=', 1)[0]}={value}" for value in word.split("=", 1)[1].split(",")]
+                if "," in word and "[" not in word
+                else [word]
+                for word in overrides
+            ]
+            commands += [(path.stem, list(combination)) for combination in itertools.product(*choices)]
+    return commands
+
+
+@pytest.mark.parametrize(("study", "overrides"), _documented_commands())
+def test_every_documented_study_command_passes_the_config_checks(study: str, overrides: list[str]) -> None:
+    """The commands a study file gives must run: e.g. partition=dirichlet must not inherit label_skew keys."""
+    check_config(make_config(*overrides))
 
 
 def test_the_default_run_is_the_one_the_issue_names() -> None:
