@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sim.loggers import LOGGERS
 from sim.experiment import check_config
+from sim.loggers import LOGGERS
 from sim.methods import METHODS
 from tests.conftest import make_config
 
