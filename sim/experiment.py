@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -68,6 +69,7 @@ class Settings:
     graph: nx.DiGraph  # edge u -> v: v distils from u's predictions
     runtime: RuntimeConfig
     train: TrainConfig  # the train group as configured
+    backbones: tuple[AgentBackbone, ...]  # per agent, as configured (one object per distinct backbone)
     agent_train: tuple[TrainConfig, ...]  # per agent: train with its backbone's optimizer overrides
     public_size: int
     public_batch_size: int
@@ -99,7 +101,8 @@ def check_config(cfg: DictConfig) -> Settings:
     public_batch_size = positive_int("data.public_batch_size", cfg.data.public_batch_size)
     if public_batch_size > public_size:
         raise ConfigError("data.public_batch_size", public_batch_size, f"at most data.public_size={public_size}")
-    _check_builder_options(cfg)
+    backbones = backbone_assignment(cfg.backbone, num_agents)
+    _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
     return Settings(
         num_agents=num_agents,
@@ -111,7 +114,8 @@ def check_config(cfg: DictConfig) -> Settings:
         graph=build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology)),
         runtime=runtime_config(cfg.runtime),
         train=train,
-        agent_train=agent_train_configs(backbone_assignment(cfg.backbone, num_agents), train),
+        backbones=tuple(backbones),
+        agent_train=agent_train_configs(backbones, train),
         public_size=public_size,
         public_batch_size=public_batch_size,
     )
@@ -138,7 +142,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     _check_every_agent_has_data(parts, str(cfg.partition.name))
     class_counts = class_count_matrix(split.private.y, parts, splits.num_classes)
     graph = settings.graph if method.exchanges else nx.create_empty_copy(settings.graph)  # no messages, no edges
-    models = _model_configs(cfg, splits, method, num_agents)
+    models = _model_configs(cfg, splits, method, settings.backbones)
     for model in dict.fromkeys(models):  # each distinct architecture once
         _check_model_builds(model)
     neighbours = in_neighbours(graph)
@@ -214,7 +218,7 @@ def train_config(train: DictConfig) -> TrainConfig:
     )
 
 
-def agent_train_configs(backbones: list[AgentBackbone], train: TrainConfig) -> tuple[TrainConfig, ...]:
+def agent_train_configs(backbones: Sequence[AgentBackbone], train: TrainConfig) -> tuple[TrainConfig, ...]:
     """Each agent's TrainConfig: `train` with its backbone's `optimizer` overrides applied.
 
     A backbone's optimizer keys replace those of train.optimizer (e.g. `{lr: 0.02}` for a
@@ -309,7 +313,7 @@ def backbone_assignment(backbone: DictConfig, num_agents: int) -> list[AgentBack
     return [configured[str(pattern[i % len(pattern)])] for i in range(num_agents)]
 
 
-def _distinct(backbones: list[AgentBackbone]) -> list[AgentBackbone]:
+def _distinct(backbones: Sequence[AgentBackbone]) -> list[AgentBackbone]:
     """Each configured backbone once, in order of first use."""
     return list({backbone.key: backbone for backbone in backbones}.values())
 
@@ -329,14 +333,16 @@ def _agent_backbone(name: str, group: DictConfig, key: str) -> AgentBackbone:
     )
 
 
-def _model_configs(cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, num_agents: int) -> list[ModelConfig]:
+def _model_configs(
+    cfg: DictConfig, splits: DatasetSplits, method: MethodPlan, backbones: Sequence[AgentBackbone]
+) -> list[ModelConfig]:
     """Each agent's ModelConfig; agents of one backbone share one (equal) config object."""
     projection = None
     if method.distill is not None and method.distill.nu_emb > 0:
         projection = positive_int("model.embedding_dim", cfg.model.embedding_dim)
     built: dict[str, ModelConfig] = {}
     models = []
-    for backbone in backbone_assignment(cfg.backbone, num_agents):
+    for backbone in backbones:
         if backbone.key not in built:
             built[backbone.key] = ModelConfig(
                 backbone=backbone.name,
@@ -372,12 +378,12 @@ def _check_model_builds(model: ModelConfig) -> None:
         MultiHeadModel(model)
 
 
-def _check_builder_options(cfg: DictConfig) -> None:
+def _check_builder_options(cfg: DictConfig, backbones: Sequence[AgentBackbone]) -> None:
     """Names and option keys of the dataset, partitioner and backbone, against their signatures."""
     data, partitioner = str(cfg.data.name), str(cfg.partition.name)
     check_options("data", data, DATASETS.get(data), _params(cfg.data, drop=DATA_SPLIT_KEYS))
     check_options("partition", partitioner, PARTITIONERS.get(partitioner), _params(cfg.partition))
-    for backbone in _distinct(backbone_assignment(cfg.backbone, int(cfg.num_agents))):
+    for backbone in _distinct(backbones):
         check_param_names(backbone.name, BACKBONES.get(backbone.name), backbone.params)
 
 
