@@ -234,13 +234,28 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+def _distinct_free_ports(count: int) -> list[int]:
+    """Ports free on every address, all different.
+
+    Every probe stays bound until all are chosen: probing one port at a time can hand the same
+    port to two of a node's servers, and the node then fails to start.
+    """
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("", 0))
+            ports.append(int(probe.getsockname()[1]))
+    return ports
+
+
 def _ports(*flags: str) -> list[str]:
-    """`--flag=PORT` with a port free on every address for each flag.
+    """`--flag=PORT` with a distinct free port for each flag.
 
     Ray's fixed defaults (6379, 10001, 52365, ...) could be taken by another Ray on this machine,
     and some of its servers also listen on 127.0.0.1, whatever the node's own address.
     """
-    return [f"--{flag}={_free_port('')}" for flag in flags]
+    return [f"--{flag}={port}" for flag, port in zip(flags, _distinct_free_ports(len(flags)), strict=True)]
 
 
 NODE_PORT_FLAGS = (
@@ -301,12 +316,12 @@ def loopback_cluster() -> Iterator[LoopbackCluster]:
     temp_dir = Path(tempfile.mkdtemp(prefix="mhd-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port("")
+    head_ports = _ports("port", "ray-client-server-port", "dashboard-port", *NODE_PORT_FLAGS)
+    port = int(head_ports[0].removeprefix("--port="))  # the GCS port the worker and the driver join
     nodes: list[subprocess.Popen[bytes]] = []
     try:
-        head_args = ["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", f"--temp-dir={temp_dir}"]
-        head_args += ["--num-cpus=1", "--include-dashboard=false"]
-        head_args += _ports("ray-client-server-port", "dashboard-port", *NODE_PORT_FLAGS)
+        head_args = ["--head", f"--node-ip-address={HEAD_IP}", f"--temp-dir={temp_dir}"]
+        head_args += ["--num-cpus=1", "--include-dashboard=false", *head_ports]
         nodes.append(_start_node(head_args, env, temp_dir / "head.log"))
         _wait_started(nodes[-1], temp_dir / "head.log")
         worker_args = [f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", f"--temp-dir={temp_dir}"]
