@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from agents.agent import TrainingDivergedError
@@ -20,6 +21,11 @@ from sim.run import describe_error, run
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1
 
+# "RUN_DIR: reason" of each --multirun job that diverged. A diverged job ends itself, not the
+# sweep: the next jobs (other seeds, other learning rates) still run, and main() names the
+# diverged ones and exits with EXIT_DIVERGED once the sweep is done.
+diverged_sweep_jobs: list[str] = []
+
 
 def main() -> None:
     """The console entry point: every bad input is one line and exit 2 before Hydra starts a job."""
@@ -27,6 +33,10 @@ def main() -> None:
     with bad_input_exits(debug_requested(args)):
         preflight(args)
     simulate()
+    if diverged_sweep_jobs:
+        listed = "; ".join(diverged_sweep_jobs)
+        print(f"mhd-sim: {len(diverged_sweep_jobs)} sweep job(s) diverged: {listed}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 @contextmanager
@@ -53,6 +63,9 @@ def simulate(cfg: DictConfig) -> None:
             if debug:
                 raise
             print(f"mhd-sim: {describe_error(error)}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says failed; the sweep goes on
+                diverged_sweep_jobs.append(f"{run_dir}: {describe_error(error)}")
+                return
             sys.exit(EXIT_DIVERGED)
         except RunInterrupted as stopped:  # checkpoint written; summary.json says how to resume
             print(f"mhd-sim: {stopped}; continue with: {stopped.resume_command}", file=sys.stderr)

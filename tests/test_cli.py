@@ -97,6 +97,24 @@ def test_multirun_sweeps_write_one_run_dir_per_job(tmp_path: Path) -> None:
     assert methods == {"mhd", "isolated"}
 
 
+def test_a_diverged_sweep_job_is_named_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """lr=1000 overflows the float16 messages in round 0; the lr=0.05 job after it still runs."""
+    sweep = tmp_path / "sweep"
+    done = _mhd_sim(
+        "--multirun",
+        *TINY,
+        "runtime.backend=serial",
+        "train.optimizer.lr=1000,0.05",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")}
+    assert statuses == {"0": "failed", "1": "completed"}
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"mhd-sim: 1 sweep job(s) diverged: {sweep / '0'}: TrainingDivergedError")
+
+
 def test_the_installed_wheel_runs_from_any_directory(tmp_path: Path) -> None:
     """A non-editable install finds its packaged conf/ (no source tree on the path)."""
     wheels = tmp_path / "wheels"
