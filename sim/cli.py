@@ -62,9 +62,10 @@ def simulate(cfg: DictConfig) -> None:
         except TrainingDivergedError as error:  # Ray re-raises it as a subclass of the original
             if debug:
                 raise
-            print(f"mhd-sim: {describe_error(error)}", file=sys.stderr)
+            reason = describe_error(error)
+            print(f"mhd-sim: {reason}", file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says failed; the sweep goes on
-                diverged_sweep_jobs.append(f"{run_dir}: {describe_error(error)}")
+                diverged_sweep_jobs.append(f"{run_dir}: {reason}")
                 return
             sys.exit(EXIT_DIVERGED)
         except RunInterrupted as stopped:  # checkpoint written; summary.json says how to resume

@@ -83,15 +83,15 @@ def test_bad_input_is_one_line_exit_2_and_no_summary(tmp_path: Path, override: s
     assert not (run_dir / "summary.json").exists()
 
 
-def test_multirun_sweeps_write_one_run_dir_per_job(tmp_path: Path) -> None:
-    done = _mhd_sim(
-        "--multirun",
-        *TINY,
-        "runtime.backend=serial",
-        "method=mhd,isolated",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
+def _serial_sweep(sweep: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """A TINY `--multirun` sweep on the serial backend, its job directories under `sweep`."""
+    return _mhd_sim(
+        "--multirun", *TINY, "runtime.backend=serial", *overrides, f"hydra.sweep.dir={sweep}", cwd=sweep.parent
     )
+
+
+def test_multirun_sweeps_write_one_run_dir_per_job(tmp_path: Path) -> None:
+    done = _serial_sweep(tmp_path / "sweep", "method=mhd,isolated")
     assert done.returncode == 0, done.stderr
     methods = {json.loads(p.read_text())["method"] for p in (tmp_path / "sweep").glob("*/summary.json")}
     assert methods == {"mhd", "isolated"}
@@ -100,14 +100,7 @@ def test_multirun_sweeps_write_one_run_dir_per_job(tmp_path: Path) -> None:
 def test_a_diverged_sweep_job_is_named_and_the_sweep_goes_on(tmp_path: Path) -> None:
     """lr=1000 overflows the float16 messages in round 0; the lr=0.05 job after it still runs."""
     sweep = tmp_path / "sweep"
-    done = _mhd_sim(
-        "--multirun",
-        *TINY,
-        "runtime.backend=serial",
-        "train.optimizer.lr=1000,0.05",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
+    done = _serial_sweep(sweep, "train.optimizer.lr=1000,0.05")
     assert done.returncode == 1
     statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")}
     assert statuses == {"0": "failed", "1": "completed"}

@@ -249,13 +249,17 @@ def _distinct_free_ports(count: int) -> list[int]:
     return ports
 
 
-def _ports(*flags: str) -> list[str]:
-    """`--flag=PORT` with a distinct free port for each flag.
+def _ports(*flags: str) -> dict[str, int]:
+    """A distinct free port for each `ray start` port flag.
 
     Ray's fixed defaults (6379, 10001, 52365, ...) could be taken by another Ray on this machine,
     and some of its servers also listen on 127.0.0.1, whatever the node's own address.
     """
-    return [f"--{flag}={port}" for flag, port in zip(flags, _distinct_free_ports(len(flags)), strict=True)]
+    return dict(zip(flags, _distinct_free_ports(len(flags)), strict=True))
+
+
+def _port_args(ports: dict[str, int]) -> list[str]:
+    return [f"--{flag}={port}" for flag, port in ports.items()]
 
 
 NODE_PORT_FLAGS = (
@@ -317,15 +321,15 @@ def loopback_cluster() -> Iterator[LoopbackCluster]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
     head_ports = _ports("port", "ray-client-server-port", "dashboard-port", *NODE_PORT_FLAGS)
-    port = int(head_ports[0].removeprefix("--port="))  # the GCS port the worker and the driver join
+    port = head_ports["port"]  # the GCS port the worker and the driver join
     nodes: list[subprocess.Popen[bytes]] = []
     try:
         head_args = ["--head", f"--node-ip-address={HEAD_IP}", f"--temp-dir={temp_dir}"]
-        head_args += ["--num-cpus=1", "--include-dashboard=false", *head_ports]
+        head_args += ["--num-cpus=1", "--include-dashboard=false", *_port_args(head_ports)]
         nodes.append(_start_node(head_args, env, temp_dir / "head.log"))
         _wait_started(nodes[-1], temp_dir / "head.log")
         worker_args = [f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", f"--temp-dir={temp_dir}"]
-        worker_args += ["--num-cpus=1", *_ports(*NODE_PORT_FLAGS)]
+        worker_args += ["--num-cpus=1", *_port_args(_ports(*NODE_PORT_FLAGS))]
         nodes.append(_start_node(worker_args, env, temp_dir / "worker.log"))
         _wait_started(nodes[-1], temp_dir / "worker.log")
         yield LoopbackCluster(f"{HEAD_IP}:{port}", env, temp_dir)
