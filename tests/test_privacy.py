@@ -3,9 +3,11 @@
 What crosses: (1) the metrics each actor returns, (2) the bundles of predictions that actors
 put into the object store for other actors, (3) evaluation counts. Each must be a Prediction
 of shape heads x public_batch x classes in float16, or numbers — never a tensor, a parameter,
-an optimizer state or a private sample. The audit goes on after one actor is killed and the
-population is restored from a checkpoint (the restored actors re-send their in-flight
-predictions, which are audited too).
+an optimizer state or a private sample. A private sample could only leak inside a message's
+arrays, cast to their dtype, so every message's bytes are searched for every private sample
+in that encoding; a message with a sample planted in it shows that the search finds one. The
+audit goes on after one actor is killed and the population is restored from a checkpoint (the
+restored actors re-send their in-flight predictions, which are audited too).
 
 Weights cross on purpose in two baselines only, `fedavg` and `gossip`, as a `WeightShare`
 (agents/weight_sharing.py). The audit allows that type for exactly those methods: a run of
@@ -53,14 +55,51 @@ def _leaves(obj: Any) -> list[Any]:
     return [obj]
 
 
+class PrivateSamples:
+    """Every agent's private samples, as the bytes they would have inside a message's arrays."""
+
+    def __init__(self, samples: np.ndarray) -> None:
+        self.samples = samples  # [N, C, H, W] float32
+        self._encoded: dict[np.dtype, list[bytes]] = {}
+
+    def encoded(self, dtype: np.dtype) -> list[bytes]:
+        """Each sample cast to `dtype` (a message array's dtype), as raw bytes."""
+        if dtype not in self._encoded:
+            self._encoded[dtype] = [sample.astype(dtype).tobytes() for sample in self.samples]
+        return self._encoded[dtype]
+
+    def found_in(self, message: Prediction) -> list[int]:
+        """Indices of the samples whose bytes, in the encoding of one of the message's arrays, occur in it."""
+        arrays = [*message.payload.values(), *([] if message.embeddings is None else [message.embeddings])]
+        found: set[int] = set()
+        for array in arrays:
+            haystack = array.tobytes()
+            found.update(index for index, needle in enumerate(self.encoded(array.dtype)) if needle in haystack)
+        return sorted(found)
+
+
+def _with_planted_sample(message: Prediction, sample: np.ndarray) -> list[Prediction]:
+    """Valid copies of `message` that carry `sample`: in the float16 logits, and as float32 embeddings."""
+    logits = message.payload["logits"].copy()
+    flat = logits.reshape(-1)
+    offset = 7  # not at a row start: a leak need not be aligned with the [heads, batch, classes] rows
+    flat[offset : offset + sample.size] = sample.ravel().astype(logits.dtype)
+    in_logits = dataclasses.replace(message, payload={"logits": logits})
+    embeddings = np.zeros((message.batch_size, sample.size), dtype=np.float32)
+    embeddings[3] = sample.ravel()
+    as_embeddings = dataclasses.replace(message, embeddings=embeddings)
+    return [in_logits, as_embeddings]
+
+
 def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, tmp_path: Path) -> None:
     cfg = make_config(*TINY, "rounds=6", "runtime.agents_per_actor=2")
     experiment = build_experiment(cfg)
     backend, groups = create_backend(experiment)
     store = CheckpointStore(tmp_path, keep=1)
-    private_rows = {spec.private_x[i].tobytes() for spec in experiment.specs for i in range(len(spec.private_x))}
+    private = PrivateSamples(np.concatenate([spec.private_x for spec in experiment.specs]))
     shape = (1 + cfg.model.aux_heads, cfg.data.public_batch_size, 10)
     audited_predictions = 0
+    audited: list[Prediction] = []
 
     def audit_bundles() -> None:  # (2)
         nonlocal audited_predictions
@@ -71,12 +110,13 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
                 assert message.codec == "float16" and logits.shape == shape and logits.dtype == np.float16
                 assert message.nbytes == shape[0] * shape[1] * shape[2] * 2
                 assert message.embeddings is None  # embedding exchange is opt-in
+                assert private.found_in(message) == [], f"agent {sender} sent private samples"
                 audited_predictions += 1
+                audited.append(message)
             for leaf in _leaves(bundle):
                 assert not isinstance(leaf, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer))
                 if isinstance(leaf, np.ndarray):
                     assert leaf.ndim == 3 and leaf.dtype == np.float16  # never image-shaped
-                    assert leaf.tobytes() not in private_rows
 
     try:
         backend.start(group_plans(experiment, groups), experiment.public)
@@ -103,6 +143,10 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
         backend.shutdown()
     # every agent's prediction of every round, plus the 4 re-sent after the restore
     assert audited_predictions == experiment.num_agents * (experiment.rounds + 1)
+    # the search finds a private sample where one was put: in the float16 logits, or as float32 embeddings
+    planted = 5
+    for message in _with_planted_sample(audited[0], private.samples[planted]):
+        assert planted in private.found_in(message)
 
 
 @pytest.mark.parametrize("method", METHODS.names())
