@@ -77,12 +77,19 @@ def test_a_bad_pattern_or_member_is_one_named_error(override: str, key: str) -> 
 
 
 def test_a_mixed_population_runs_and_reports_each_backbone(tmp_path: Path) -> None:
+    """Each backbone's summary is the mean, min and max over its own agents only, also on disk."""
     summary = run(make_config(*TINY, *MIXED, "runtime.backend=serial"), tmp_path / "run")
     assert summary["backbones"] == ["small_cnn", "resnet8", "small_cnn", "resnet8"]
     assert set(summary["by_backbone"]) == {"small_cnn", "resnet8"}
-    assert (
-        json.loads((tmp_path / "run" / "summary.json").read_text())["by_backbone"]["resnet8"]["main"]["shared_acc"] >= 0
-    )
+    per_agent = summary["final"]["per_agent"]
+    for backbone, agents in (("small_cnn", ["0", "2"]), ("resnet8", ["1", "3"])):
+        for head, row in summary["by_backbone"][backbone].items():
+            for metric in ("shared_acc", "private_acc"):
+                values = [per_agent[agent][head][metric] for agent in agents]
+                assert row[metric] == pytest.approx(sum(values) / len(values)), (backbone, head, metric)
+                assert (row[f"{metric}_min"], row[f"{metric}_max"]) == (min(values), max(values))
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["by_backbone"] == summary["by_backbone"]
 
 
 def test_per_head_embeddings_feed_each_head_its_own() -> None:
