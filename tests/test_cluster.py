@@ -303,20 +303,21 @@ def _stop_node(node: subprocess.Popen[bytes]) -> None:
     node.wait()
 
 
-def _loopback_usable() -> bool:
-    try:
-        for host in (HEAD_IP, WORKER_IP):
+def _check_loopback_binds() -> None:
+    """Skips off Linux (elsewhere only 127.0.0.1 is loopback); on Linux, an address that does not bind fails."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip(f"needs Linux, where all of 127.0.0.0/8 is loopback (this is {sys.platform})")
+    for host in (HEAD_IP, WORKER_IP):
+        try:
             _free_port(host)
-    except OSError:
-        return False
-    return sys.platform.startswith("linux")
+        except OSError as error:
+            pytest.fail(f"cannot bind a port on the loopback address {host} on Linux: {error}")
 
 
 @pytest.fixture(scope="module")
 def loopback_cluster() -> Iterator[LoopbackCluster]:
     """A head on 127.0.0.2 and a worker on 127.0.0.3, 1 CPU each, token auth; always torn down."""
-    if not _loopback_usable():
-        pytest.skip("needs Linux, where all of 127.0.0.0/8 is loopback")
+    _check_loopback_binds()
     temp_dir = Path(tempfile.mkdtemp(prefix="mhd-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
