@@ -93,9 +93,10 @@ class AgentGroup:
         """Test-set counts per agent id."""
         return {agent_id: agent.evaluate() for agent_id, agent in self.agents.items()}
 
-    def save(self, directory: str) -> None:
-        """Write every agent's state to `directory/agent_XXXXX.pt` (write-then-rename)."""
-        for agent_id, agent in self.agents.items():
+    def save(self, directory: str, agent_ids: Iterable[int] | None = None) -> None:
+        """Write every agent's (or only `agent_ids`') state to `directory/agent_XXXXX.pt` (write-then-rename)."""
+        for agent_id in self.agents if agent_ids is None else agent_ids:
+            agent = self.agents[agent_id]
             path = Path(directory) / agent_state_file(agent_id)
             partial = path.with_suffix(".partial")
             torch.save(agent.state_dict(), partial)

@@ -13,18 +13,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from agents.agent import TrainingDivergedError
+from sim.backends.base import RecoveryFailedError
 from sim.errors import ConfigError
-from sim.interrupt import RunInterrupted
+from sim.interrupt import RunInterrupted, resume_command
 from sim.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, debug_requested, preflight
 from sim.run import describe_error, run
 
 EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 1
+EXIT_FAILED = 1  # the run diverged, or lost agents it could not restore
 
-# "RUN_DIR: reason" of each --multirun job that diverged. A diverged job ends itself, not the
+# "RUN_DIR: reason" of each --multirun job that failed. A failed job ends itself, not the
 # sweep: the next jobs (other seeds, other learning rates) still run, and main() names the
-# diverged ones and exits with EXIT_DIVERGED once the sweep is done.
-diverged_sweep_jobs: list[str] = []
+# failed ones and exits with EXIT_FAILED once the sweep is done.
+failed_sweep_jobs: list[str] = []
 
 
 def main() -> None:
@@ -33,10 +34,10 @@ def main() -> None:
     with bad_input_exits(debug_requested(args)):
         preflight(args)
     simulate()
-    if diverged_sweep_jobs:
-        listed = "; ".join(diverged_sweep_jobs)
-        print(f"mhd-sim: {len(diverged_sweep_jobs)} sweep job(s) diverged: {listed}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
+    if failed_sweep_jobs:
+        listed = "; ".join(failed_sweep_jobs)
+        print(f"mhd-sim: {len(failed_sweep_jobs)} sweep job(s) failed: {listed}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
 
 
 @contextmanager
@@ -59,15 +60,18 @@ def simulate(cfg: DictConfig) -> None:
     with bad_input_exits(debug):
         try:
             run(cfg, run_dir)
-        except TrainingDivergedError as error:  # Ray re-raises it as a subclass of the original
+        except (TrainingDivergedError, RecoveryFailedError) as error:  # Ray re-raises the first as a subclass
             if debug:
                 raise
             reason = describe_error(error)
+            if isinstance(error, RecoveryFailedError):
+                kept = "every checkpoint is kept: once the cause is fixed, continue with"
+                reason += f"; {kept}: {resume_command(str(run_dir))}"
             print(f"mhd-sim: {reason}", file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says failed; the sweep goes on
-                diverged_sweep_jobs.append(f"{run_dir}: {reason}")
+                failed_sweep_jobs.append(f"{run_dir}: {reason}")
                 return
-            sys.exit(EXIT_DIVERGED)
+            sys.exit(EXIT_FAILED)
         except RunInterrupted as stopped:  # checkpoint written; summary.json says how to resume
             print(f"mhd-sim: {stopped}; continue with: {stopped.resume_command}", file=sys.stderr)
             sys.exit(stopped.exit_code)

@@ -27,6 +27,7 @@ from sim.cluster import DataSource, PrivateData, cluster_config
 from sim.data.options import check_options
 from sim.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
 from sim.errors import ConfigError
+from sim.faults import parse_faults
 from sim.methods import METHODS, MethodPlan
 from sim.partition import PARTITIONERS, class_count_matrix, partition
 from sim.placement import RuntimeConfig, check_cluster_address, check_gpus_exist
@@ -195,7 +196,12 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         vectorize=boolean("runtime.vectorize", runtime.vectorize),
         bf16=boolean("runtime.bf16", runtime.bf16),
         cluster=cluster_config(runtime),
+        faults=parse_faults(runtime.faults),
     )
+    if config.faults and config.backend != "ray":
+        raise ConfigError(
+            "runtime.faults", runtime.faults, "[] unless runtime.backend=ray (a fault kills an agent worker process)"
+        )
     check_gpus_exist(config, torch.cuda.is_available())
     check_cluster_address(config)
     return config

@@ -14,13 +14,18 @@ from typing import Any
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
+def resume_command(run_dir: str) -> str:
+    """What continues a stopped run from its newest checkpoint (printed and written to summary.json)."""
+    return f"mhd-sim resume={run_dir}"
+
+
 class RunInterrupted(Exception):
     """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + signum."""
 
     def __init__(self, signum: int, checkpoint: str, run_dir: str) -> None:
         self.signum = signum
         self.exit_code = 128 + signum
-        self.resume_command = f"mhd-sim resume={run_dir}"
+        self.resume_command = resume_command(run_dir)
         super().__init__(f"stopped by {signal.Signals(signum).name} after a checkpoint in {checkpoint}")
 
 

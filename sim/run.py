@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents.vectorized import check_vectorizable
 from sim.backends import BACKENDS, create_backend
+from sim.backends.base import RecoveryFailedError
 from sim.checkpoint import Checkpoint, CheckpointStore
 from sim.errors import ConfigError
 from sim.experiment import Experiment, build_experiment
-from sim.interrupt import RunInterrupted
+from sim.interrupt import RunInterrupted, resume_command
 from sim.loggers import LOGGERS, JsonlSink, Sink
 from sim.report import write_run_report
 from sim.simulation import CheckpointPolicy, group_plans, run_rounds, write_json
@@ -59,6 +60,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
     except RunInterrupted:
         raise  # summary.json already says "interrupted" and how to resume
+    except RecoveryFailedError as error:  # the checkpoints stay: resume= continues once the cause is fixed
+        failed = {"status": "failed", "error": describe_error(error), "resume_command": resume_command(str(run_dir))}
+        write_json(run_dir / "summary.json", failed)
+        raise
     except BaseException as error:
         write_json(run_dir / "summary.json", {"status": "failed", "error": describe_error(error)})
         raise

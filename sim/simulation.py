@@ -8,7 +8,9 @@
        bytes, time
     3. every eval_every rounds (and after the last): evaluate, compute per-head accuracy
     4. every checkpoint_every rounds, or on SIGINT/SIGTERM: checkpoint (then stop on a signal)
-    5. a worker died: roll the whole population back to the last checkpoint and replay
+    5. a worker died: roll the whole population back to the last checkpoint and replay;
+       a worker that dies during that restore is restored again, one that cannot be brought
+       back stops the run (RecoveryFailedError) with every checkpoint kept for `resume=`
     6. write summary.json; the sinks print the table / finish the wandb run
 
 Rolling everyone back (rather than replaying only the lost agents) keeps the population
@@ -27,10 +29,11 @@ from typing import Any
 
 from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
-from sim.backends.base import WorkerLostError
+from sim.backends.base import RecoveryFailedError, WorkerLostError
 from sim.checkpoint import Checkpoint, CheckpointStore, LoopState
 from sim.exchange import Exchange, build_exchange
 from sim.experiment import Experiment
+from sim.faults import FaultSchedule
 from sim.interrupt import RunInterrupted, StopRequests
 from sim.loggers import Sink
 from sim.metrics import AgentHeadAccuracy, agent_accuracies, head_summary, mean_losses
@@ -72,30 +75,41 @@ def run_rounds(
     """Steps 1-6 above; returns the summary that was written to run_dir/summary.json."""
     started = time.perf_counter()
     exchange = build_exchange(experiment)  # before any worker: it may reject the config
+    faults = FaultSchedule(experiment.runtime.faults, len(plans), experiment.seed)  # a test tool; usually none
+    recovery = Recovery(
+        backend, checkpoints.store, faults, len(plans) * (experiment.runtime.max_actor_restarts + 1) + 1
+    )
     if experiment.method.shares_weights:
         notice = f"method={experiment.method_name} shares WEIGHTS: a baseline, not privacy-preserving"
         print(f"mhd-sim: {notice}", file=sys.stderr)
     backend.start(plans, experiment.public)  # 1
     state = LoopState()
     if resume_from is not None:
-        backend.restore(resume_from.directory)
-        state = resume_from.state
+        restarts = recovery.restore(resume_from, resume_from.state.next_round)
+        state = replace(resume_from.state, actor_failures=resume_from.state.actor_failures + restarts)
         for sink in sinks:
             sink.rewind(state.next_round)
     else:
         exchange.start(backend)
         if checkpoints.every > 0:
-            checkpoints.store.save(backend, state)
+            faults.arm(backend, "save", 0)
+            try:
+                checkpoints.store.save(backend, state)
+            except WorkerLostError:
+                raise RecoveryFailedError(
+                    "an agent worker died before the first checkpoint was written: start the run again"
+                ) from None
     setup_s = time.perf_counter() - started
     with StopRequests() as stop:
         while state.next_round < experiment.rounds:
             try:
-                state = run_round(experiment, backend, sinks, state, exchange)  # 2, 3
+                state = run_round(experiment, backend, sinks, state, exchange, faults)  # 2, 3
                 due = checkpoints.every > 0 and state.next_round % checkpoints.every == 0
                 if due or stop.signum is not None:  # 4
+                    faults.arm(backend, "save", state.next_round - 1)
                     saved = checkpoints.store.save(backend, state)
             except WorkerLostError:  # 5
-                state = roll_back(backend, sinks, checkpoints.store, state)
+                state = recovery.roll_back(sinks, state)
                 continue
             if stop.signum is not None:
                 stopped = RunInterrupted(stop.signum, str(saved), str(run_dir))
@@ -109,17 +123,24 @@ def run_rounds(
 
 
 def run_round(
-    experiment: Experiment, backend: Backend, sinks: list[Sink], state: LoopState, exchange: Exchange
+    experiment: Experiment,
+    backend: Backend,
+    sinks: list[Sink],
+    state: LoopState,
+    exchange: Exchange,
+    faults: FaultSchedule,
 ) -> LoopState:
     """One round (and its evaluation when due); the state advances only if all of it succeeded."""
     round_idx = state.next_round
     tick = time.perf_counter()
+    faults.arm(backend, "train", round_idx)
     metrics = backend.run_round(round_idx, exchange.publishes(round_idx))
     sent = exchange.after_training(backend, round_idx, metrics)
     elapsed = time.perf_counter() - tick
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
     evaluated = None
     if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:
+        faults.arm(backend, "evaluate", round_idx)
         evaluated = evaluation_record(experiment, backend.evaluate(), round_idx, record)
     for sink in sinks:
         sink.log_round(round_idx, record)
@@ -134,24 +155,54 @@ def run_round(
     )
 
 
-def roll_back(backend: Backend, sinks: list[Sink], store: CheckpointStore, state: LoopState) -> LoopState:
-    """Restore every agent from the newest checkpoint; the rounds since then are replayed."""
-    checkpoint = store.latest(before_round=state.next_round)
-    if checkpoint is None:
-        raise WorkerLostError("an agent worker died and there is no checkpoint to restore (checkpoint_every=0)")
-    print(
-        f"mhd-sim: an agent worker died during round {state.next_round}; restoring every agent from "
-        f"{checkpoint.directory.name} and replaying {state.next_round - checkpoint.state.next_round} rounds",
-        file=sys.stderr,
-    )
-    backend.restore(checkpoint.directory)
-    for sink in sinks:
-        sink.rewind(checkpoint.state.next_round)
-    return replace(
-        checkpoint.state,
-        actor_failures=state.actor_failures + 1,
-        rounds_replayed=state.rounds_replayed + state.next_round - checkpoint.state.next_round,
-    )
+@dataclass(frozen=True)
+class Recovery:
+    """Brings lost workers back: restores every agent from a checkpoint, however often workers die meanwhile."""
+
+    backend: Backend
+    store: CheckpointStore
+    faults: FaultSchedule
+    max_attempts: int  # restores in a row before giving up: one per restart Ray may still grant, plus one
+
+    def roll_back(self, sinks: list[Sink], state: LoopState) -> LoopState:
+        """Restore every agent from the newest checkpoint; the rounds since then are replayed."""
+        checkpoint = self.store.latest(before_round=state.next_round)
+        if checkpoint is None:
+            raise RecoveryFailedError(
+                f"an agent worker died during round {state.next_round} and there is no checkpoint to restore "
+                "(set checkpoint_every > 0)"
+            )
+        print(
+            f"mhd-sim: an agent worker died during round {state.next_round}; restoring every agent from "
+            f"{checkpoint.directory.name} and replaying {state.next_round - checkpoint.state.next_round} rounds",
+            file=sys.stderr,
+        )
+        restarts = self.restore(checkpoint, state.next_round)
+        for sink in sinks:
+            sink.rewind(checkpoint.state.next_round)
+        return replace(
+            checkpoint.state,
+            actor_failures=state.actor_failures + restarts,
+            rounds_replayed=state.rounds_replayed + state.next_round - checkpoint.state.next_round,
+        )
+
+    def restore(self, checkpoint: Checkpoint, round_idx: int) -> int:
+        """Restore every agent from `checkpoint`, again after each worker that dies meanwhile; restarts seen.
+
+        A worker that Ray will not restart makes the backend raise RecoveryFailedError; so does
+        a restore that keeps failing `max_attempts` times.
+        """
+        restarts_before = self.backend.worker_restarts
+        for _ in range(self.max_attempts):
+            self.faults.arm(self.backend, "restore", round_idx)
+            try:
+                self.backend.restore(checkpoint.directory)
+                return self.backend.worker_restarts - restarts_before
+            except WorkerLostError as error:
+                print(
+                    f"mhd-sim: {error} during the restore; restoring {checkpoint.directory.name} again", file=sys.stderr
+                )
+        raise RecoveryFailedError(f"restoring {checkpoint.directory} failed {self.max_attempts} times in a row")
 
 
 def evaluation_record(

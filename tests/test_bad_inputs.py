@@ -106,6 +106,10 @@ BAD_INPUTS = [
         id="unreachable",
     ),
     case("runtime.address=nohost", "runtime.backend=ray", key="runtime.address", value="'nohost'", id="address-form"),
+    case("runtime.faults=[{point:boom,round:1}]", key="runtime.faults[0].point", value="'boom'", id="unknown-fault"),
+    case("runtime.faults=[{point:train,round:-1}]", key="runtime.faults[0].round", value="-1", id="fault-round"),
+    case("runtime.faults=[{point:train,when:1}]", key="runtime.faults[0].when", value="1", id="unknown-fault-key"),
+    case("runtime.faults=[{point:train}]", key="runtime.faults", value="train", id="fault-without-actors"),
     case("logger=wandb", "logger.mode=sometimes", key="logger.mode", value="'sometimes'", id="unknown-wandb-mode"),
     # sizes against the data, and dataset files
     case("data.public_batch_size=500", key="data.public_batch_size", value="500", id="public-batch-above-public-set"),

@@ -105,7 +105,7 @@ def test_a_diverged_sweep_job_is_named_and_the_sweep_goes_on(tmp_path: Path) -> 
     statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")}
     assert statuses == {"0": "failed", "1": "completed"}
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"mhd-sim: 1 sweep job(s) diverged: {sweep / '0'}: TrainingDivergedError")
+    assert last_line.startswith(f"mhd-sim: 1 sweep job(s) failed: {sweep / '0'}: TrainingDivergedError")
 
 
 def test_the_installed_wheel_runs_from_any_directory(tmp_path: Path) -> None:

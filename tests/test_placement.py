@@ -35,6 +35,7 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         vectorize=False,
         bf16=False,
         cluster=cluster,
+        faults=(),
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

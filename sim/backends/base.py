@@ -20,6 +20,14 @@ class WorkerLostError(RuntimeError):
     """A worker process died mid-call; its agents must be restored from a checkpoint."""
 
 
+class RecoveryFailedError(RuntimeError):
+    """Lost agents cannot be brought back in this run; the message names them and the cause.
+
+    The run stops with its checkpoints kept, so `resume=RUN_DIR` continues it once the cause
+    (for example too few `runtime.max_actor_restarts`, or a node without the data) is fixed.
+    """
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """One worker's share of the population and whose predictions it needs."""
@@ -73,9 +81,19 @@ class Backend(ABC):
     def restore(self, directory: Path) -> None:
         """Every agent loads its state from `directory`; in-flight predictions are re-sent.
 
-        Waits for restarted workers first, so it is also the recovery step after a
-        WorkerLostError.
+        Waits for restarted workers and builds their agents again first, so it is also the
+        recovery step after a WorkerLostError. Raises WorkerLostError if a worker dies
+        meanwhile, RecoveryFailedError if a worker cannot be brought back.
         """
+
+    @property
+    def worker_restarts(self) -> int:
+        """Worker processes found restarted so far in this run (each one a worker that died)."""
+        return 0
+
+    def arm_fault(self, worker: int, point: str) -> None:
+        """Fault injection (a test tool, sim/faults.py): worker `worker` dies at `point` of its next such call."""
+        raise NotImplementedError(f"{type(self).__name__} has no worker processes to kill")
 
     @abstractmethod
     def shutdown(self) -> None:

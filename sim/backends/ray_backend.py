@@ -9,6 +9,10 @@ All actors' resources are reserved at once as one placement group (PACK or SPREA
 nodes). On a cluster (`runtime.address`) the code travels with the job (sim.cluster.shipped_code),
 and with `runtime.shard_source=node` each actor reads its agents' private shards on its own
 node (NodeShardGroupActor).
+
+Actors are created with small constructor arguments only and get their agents from a `setup`
+call, which the driver issues at start and again to every actor Ray has restarted, before the
+checkpoint is restored: a restart never depends on an object kept in the store since start-up.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from ray._private import ray_constants  # the loopback switch as the driver read
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from agents.actor import AgentGroupActor, RemoteAgentGroup
-from agents.agent import AgentSpec, ExecutionConfig, PublicData
+from agents.actor import AgentGroupActor, RemoteAgentGroup, WorkerRestartedError
+from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
-from sim.backends.base import Backend, GroupPlan, WorkerLostError
-from sim.cluster import SHARD_SOURCES, NodeDataError, NodeShards, PrivateData, read_shards, shipped_code
+from sim.backends.base import Backend, GroupPlan, RecoveryFailedError, WorkerLostError
+from sim.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
 from sim.errors import ConfigError
 from sim.placement import Node, Placement, RuntimeConfig, execution_config, plan_placement
 
@@ -54,7 +58,10 @@ class RayBackend(Backend):
         self.actors: list[Any] = []
         self.plans: list[GroupPlan] = []
         self.bundle_refs: list[ray.ObjectRef | None] = []
-        self.locations: list[dict[str, str]] = []
+        self.locations: list[dict[str, Any]] = []  # per actor: node_id, device, pid, set_up (its ready())
+        self.restart_counts: list[int] = []  # per actor: restarts found (a new pid)
+        self.payloads: list[Any] = []  # per actor: what `setup` builds its agents from
+        self.pending_faults: dict[str, set[int]] = {}  # fault point -> actors to die there (sim/faults.py)
         self.node_ips: dict[str, str] = {}  # node id -> IP, for describe()
         self.reservation: PlacementGroup | None = None
 
@@ -63,16 +70,15 @@ class RayBackend(Backend):
         if len(self.plans) != len(self.placement.requests):
             raise ValueError(f"{len(self.plans)} group plans for {len(self.placement.requests)} planned actors")
         reservation = self._reserve()
-        # One copy in the object store, read by every actor. Held here for the whole run: Ray
-        # needs it again to re-run __init__ when it restarts a dead actor.
-        self.public_ref = ray.put(public)
+        self.public = public
         ship = SHARD_SOURCES.get(self.runtime.cluster.shard_source)
-        self.actors = []
+        self.actors, self.payloads = [], []
         for index, plan in enumerate(self.plans):
             specs, node_shards = ship(plan.specs, self.private)
-            execution = execution_config(self.runtime, self.placement.torch_threads[index])  # "cuda" swapped in there
-            self.actors.append(self._create_actor(reservation, index, specs, execution, node_shards))
-        self._wait_ready()
+            self.payloads.append(list(specs) if node_shards is None else (specs, node_shards))
+            self.actors.append(self._create_actor(reservation, index, node_shards is not None))
+        self.restart_counts = [0] * len(self.actors)
+        self._set_up(self._wait_ready())
         self.node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         self.bundle_refs = [None] * len(self.actors)
 
@@ -93,54 +99,90 @@ class RayBackend(Backend):
             ) from None
         return reservation
 
-    def _create_actor(
-        self,
-        reservation: PlacementGroup,
-        index: int,
-        specs: list[AgentSpec],
-        execution: ExecutionConfig,
-        node_shards: NodeShards | None,
-    ) -> Any:
-        """The actor of group `index`, in its own bundle of the reservation."""
+    def _create_actor(self, reservation: PlacementGroup, index: int, reads_shards_on_node: bool) -> Any:
+        """The actor of group `index`, in its own bundle of the reservation, still without agents.
+
+        Its constructor gets only the execution settings, so Ray can always re-run it on a
+        restart; the agents come with `_set_up`.
+        """
         request = self.placement.requests[index]
         options = {
             "num_cpus": request.num_cpus,
             "num_gpus": request.num_gpus,
             "resources": request.custom,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(reservation, placement_group_bundle_index=index),
-            "max_restarts": self.runtime.max_actor_restarts,  # Ray re-runs __init__ with the same specs
+            "max_restarts": self.runtime.max_actor_restarts,  # the driver sets a restarted actor up again
             "max_task_retries": 0,  # a lost call surfaces as WorkerLostError; the loop rolls back
         }
-        if node_shards is None:
-            return RemoteAgentGroup.options(**options).remote(specs, self.public_ref, execution)
-        return RemoteNodeShardGroup.options(**options).remote(specs, self.public_ref, execution, node_shards)
+        execution = execution_config(self.runtime, self.placement.torch_threads[index])  # "cuda" swapped in there
+        actor_class = RemoteNodeShardGroup if reads_shards_on_node else RemoteAgentGroup
+        return actor_class.options(**options).remote(execution)
 
-    def _wait_ready(self) -> None:
-        """Block until every actor has run its __init__; a start-up that hangs raises.
+    def _set_up(self, indices: Sequence[int]) -> None:
+        """Build the agents of actors `indices` from the driver's copy of their data.
 
-        A restarting actor answers "temporarily unavailable" until its __init__ has run again,
-        so that answer is retried until runtime.startup_timeout_s.
+        Each call carries objects put into the store just now, so nothing that an actor needs
+        can have been freed or lost since the run started (ray-project/ray#53727).
+        """
+        if not indices:
+            return
+        public_ref = ray.put(self.public)  # one copy for every actor set up now, freed once they have copied it
+        try:
+            self._get([self.actors[index].setup.remote(self.payloads[index], public_ref) for index in indices])
+        except NodeDataError as error:  # a node lacks the data its agents need: bad input, named
+            node_error = getattr(error, "cause", error)  # Ray raises RayTaskError(NodeDataError) here
+            raise node_error.config_error() from None
+
+    def _wait_ready(self) -> list[int]:
+        """Block until every actor has run its constructor; returns the indices of those without agents.
+
+        An actor Ray is restarting answers "temporarily unavailable" until its constructor has
+        run again, so that answer is retried until runtime.startup_timeout_s. An actor Ray will
+        not restart again raises RecoveryFailedError naming its agents.
         """
         deadline = time.monotonic() + self.runtime.startup_timeout_s
+        locations = [self._await_ready(index, deadline) for index in range(len(self.actors))]
+        for index, (before, now) in enumerate(zip(self.locations, locations, strict=False)):
+            if before["pid"] != now["pid"]:
+                self.restart_counts[index] += 1
+        self.locations = locations
+        return [index for index, location in enumerate(locations) if not location["set_up"]]
+
+    def _await_ready(self, index: int, deadline: float) -> dict[str, Any]:
         while True:
             try:
-                calls = [actor.ready.remote() for actor in self.actors]
-                self.locations = ray.get(calls, timeout=max(deadline - time.monotonic(), 0.0))
-                return
+                location: dict[str, Any] = ray.get(
+                    self.actors[index].ready.remote(), timeout=max(deadline - time.monotonic(), 0.0)
+                )
+                return location
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
-                    raise WorkerLostError("a restarted agent actor never became available again") from None
+                    raise RecoveryFailedError(self._lost(index, "a restarted worker never became available")) from None
                 time.sleep(0.2)
             except ray.exceptions.GetTimeoutError:
                 raise ActorStartupError(
                     f"{len(self.actors)} actors were not ready after runtime.startup_timeout_s="
                     f"{self.runtime.startup_timeout_s}s"
                 ) from None
-            except NodeDataError as error:  # a node lacks the data its agents need: bad input, named
-                node_error = getattr(error, "cause", error)  # Ray raises RayTaskError(NodeDataError) here
-                raise node_error.config_error() from None
+            except ray.exceptions.ActorDiedError as error:  # dead for good: Ray will not restart it
+                raise RecoveryFailedError(self._lost(index, self._death_cause(index, error))) from None
+
+    def _death_cause(self, index: int, error: Exception) -> str:
+        if self.locations and self.restart_counts[index] + 1 > self.runtime.max_actor_restarts:
+            restarts = self.runtime.max_actor_restarts
+            return f"its worker died and Ray had already restarted it runtime.max_actor_restarts={restarts} times"
+        return f"its worker died and was not restarted ({str(error).splitlines()[0]})"
+
+    def _lost(self, index: int, cause: str) -> str:
+        """'agents 4, 5 (actor 1 on 10.0.0.2): CAUSE', for a one-line error."""
+        agents = ", ".join(str(spec.agent_id) for spec in self.plans[index].specs)
+        where = f"actor {index}"
+        if index < len(self.locations):
+            where += f" on {self.node_ips.get(self.locations[index]['node_id'], 'its node')}"
+        return f"agents {agents} ({where}) could not be restored: {cause}"
 
     def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
+        self._deliver_faults("train")
         calls = []
         for actor, plan in zip(self.actors, self.plans, strict=True):
             incoming = [ref for ref in (self.bundle_refs[source] for source in plan.sources) if ref is not None]
@@ -188,24 +230,41 @@ class RayBackend(Backend):
         return sizes, refs
 
     def evaluate(self) -> dict[int, EvalCounts]:
+        self._deliver_faults("evaluate")
         counts: dict[int, EvalCounts] = {}
         for group_counts in self._get([actor.evaluate.remote() for actor in self.actors]):
             counts.update(group_counts)
         return counts
 
     def save(self, directory: Path) -> None:
+        self._deliver_faults("save")
         self._get([actor.save.remote(str(directory)) for actor in self.actors])
 
     def restore(self, directory: Path) -> None:
-        self._wait_ready()  # a restarted actor answers once its __init__ has run again
+        self._set_up(self._wait_ready())  # restarted actors: constructor re-run by Ray, agents built here
+        self._deliver_faults("restore")
         self.bundle_refs = self._get([actor.restore.remote(str(directory)) for actor in self.actors])
 
+    @property
+    def worker_restarts(self) -> int:
+        return sum(self.restart_counts)
+
+    def arm_fault(self, worker: int, point: str) -> None:
+        self.pending_faults.setdefault(point, set()).add(worker)
+
+    def _deliver_faults(self, point: str) -> None:
+        """Arm the actors that are to die at `point` of the call about to be made (calls run in order)."""
+        workers = sorted(self.pending_faults.pop(point, set()))
+        self._get([self.actors[worker].arm.remote(point) for worker in workers])
+
     def _get(self, calls: list[Any]) -> list[Any]:
-        """ray.get with the round timeout; a dead actor becomes a WorkerLostError."""
+        """ray.get with the round timeout; a dead or restarted actor becomes a WorkerLostError."""
         try:
             return ray.get(calls, timeout=self.runtime.round_timeout_s)
         except ray.exceptions.RayActorError as error:  # also ActorDiedError / ActorUnavailableError
             raise WorkerLostError(f"an agent actor died: {type(error).__name__}") from error
+        except WorkerRestartedError as error:  # restarted between two calls: it lost its agents
+            raise WorkerLostError("an agent actor was restarted and had lost its agents") from None
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -229,6 +288,7 @@ class RayBackend(Backend):
             "shard_source": self.runtime.cluster.shard_source,
             "torch_threads": self.placement.torch_threads,
             "pids": [int(location["pid"]) for location in self.locations],
+            "restarts": list(self.restart_counts),
             "devices": [location["device"] for location in self.locations],
         }
 
@@ -311,26 +371,13 @@ def cluster_nodes() -> list[Node]:
 class NodeShardGroupActor(AgentGroupActor):
     """An agent group that reads its agents' private shards on the node it runs on.
 
-    A node that cannot read them (a missing file, other data) does not die: it keeps the
-    error and reports it from `ready()`, so that the driver gets a NodeDataError it can turn
-    into a ConfigError, where an actor death would carry the cause only as text.
+    A node that cannot read them (a missing file, other data) raises a NodeDataError from
+    `setup`, which the driver turns into a ConfigError naming the node and the path.
     """
 
-    def __init__(
-        self, specs: Sequence[AgentSpec], public: PublicData, execution: ExecutionConfig, shards: NodeShards
-    ) -> None:
-        self.data_error: NodeDataError | None = None
-        try:
-            specs = read_shards(specs, shards, ray.util.get_node_ip_address())
-        except NodeDataError as error:
-            self.data_error = error
-            return
-        super().__init__(specs, public, execution)
-
-    def ready(self) -> dict[str, str]:
-        if self.data_error is not None:
-            raise self.data_error
-        return super().ready()
+    def agent_specs(self, payload: Any) -> Sequence[AgentSpec]:
+        specs, shards = payload
+        return read_shards(specs, shards, ray.util.get_node_ip_address())
 
 
 RemoteNodeShardGroup = ray.remote(NodeShardGroupActor)
