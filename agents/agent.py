@@ -91,7 +91,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 class Agent:
-    """An MHD agent; see DESIGN.md §2 for the loss it minimises."""
+    """An MHD agent; docs/design.md#loss gives the loss it minimises."""
 
     def __init__(self, spec: AgentSpec, public: PublicData, execution: ExecutionConfig) -> None:
         self.agent_id = spec.agent_id

@@ -1,4 +1,4 @@
-"""Wire formats for predictions: how a head's output on the public batch becomes bytes.
+"""Wire formats for predictions (docs/design.md#codecs): how a head's output on the public batch becomes bytes.
 
 A codec turns an agent's logits [heads, P, C] into a few small numpy arrays (the payload of a
 `Prediction`) and turns one head of such a payload back into float32 scores [P, C] for the

@@ -1,4 +1,4 @@
-"""MHD loss terms (DESIGN.md §2): teacher selection and the distillation losses.
+"""MHD loss terms (docs/design.md#loss): teacher selection and the distillation losses.
 
 Each term is returned under its own name (big_vision's distill habit) so every one can be
 logged and ablated separately.
@@ -94,7 +94,7 @@ def mhd_terms(
     temperature: float | None,
     project: Callable[[torch.Tensor], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Every loss term of one agent's step (DESIGN.md §2), by name, in a fixed order.
+    """Every loss term of one agent's step (docs/design.md#loss), by name, in a fixed order.
 
     The one definition of the loss: the Agent's step and the vmapped step both call it.
 

@@ -1,4 +1,4 @@
-"""The privacy boundary as a type.
+"""The privacy boundary as a type (docs/design.md#privacy-boundary).
 
 Only two kinds of value ever leave an agent: a `Prediction` on the shared public set and
 metric numbers. Both validate themselves on construction (Flower's MetricRecord habit), so a
