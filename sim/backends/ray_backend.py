@@ -263,7 +263,7 @@ class RayBackend(Backend):
             return ray.get(calls, timeout=self.runtime.round_timeout_s)
         except ray.exceptions.RayActorError as error:  # also ActorDiedError / ActorUnavailableError
             raise WorkerLostError(f"an agent actor died: {type(error).__name__}") from error
-        except WorkerRestartedError as error:  # restarted between two calls: it lost its agents
+        except WorkerRestartedError:  # restarted between two calls: it lost its agents
             raise WorkerLostError("an agent actor was restarted and had lost its agents") from None
 
     def shutdown(self) -> None:
