@@ -78,8 +78,8 @@ class AgentGroupActor:
         self.armed.die_if_armed("train")
         return metrics, (ray.put(outgoing) if outgoing else None)
 
-    def evaluate(self) -> dict[int, EvalCounts]:
-        counts = self.group.evaluate()
+    def evaluate(self, full: bool) -> dict[int, EvalCounts]:
+        counts = self.group.evaluate(full)
         self.armed.die_if_armed("evaluate")
         return counts
 

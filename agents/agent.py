@@ -67,6 +67,13 @@ class PublicData:
     schedule_seed: int  # root seed of the public-batch schedule
     test_x: np.ndarray  # [N_test, C, H, W] float32
     test_y: np.ndarray  # [N_test] int64
+    eval_rows: np.ndarray  # [n] sorted test rows evaluated during training (stratified, seeded); all for a final one
+
+    def test_set(self, full: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The whole test set, or the subset evaluated during training (the same rows for every agent)."""
+        if full or len(self.eval_rows) == len(self.test_y):
+            return self.test_x, self.test_y
+        return self.test_x[self.eval_rows], self.test_y[self.eval_rows]
 
 
 @dataclass(frozen=True)
@@ -292,11 +299,11 @@ class Agent:
         self.last_published = message
         return message
 
-    def evaluate(self) -> EvalCounts:
-        """Per-head, per-class correct counts on the global test set."""
+    def evaluate(self, full: bool) -> EvalCounts:
+        """Per-head, per-class correct counts on the global test set (`full`) or its evaluation subset."""
         num_classes = self.model.num_classes
         correct = np.zeros((self.model.num_heads, num_classes), dtype=np.int64)
-        test_x, test_y = self.public.test_x, self.public.test_y
+        test_x, test_y = self.public.test_set(full)
         self.model.eval()
         self._condition_for_inference()
         with torch.inference_mode():

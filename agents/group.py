@@ -89,9 +89,9 @@ class AgentGroup:
         for agent in self.agents.values():
             load_weights(agent, average.tensors)
 
-    def evaluate(self) -> dict[int, EvalCounts]:
-        """Test-set counts per agent id."""
-        return {agent_id: agent.evaluate() for agent_id, agent in self.agents.items()}
+    def evaluate(self, full: bool) -> dict[int, EvalCounts]:
+        """Test-set counts per agent id: on the whole test set, or on its evaluation subset."""
+        return {agent_id: agent.evaluate(full) for agent_id, agent in self.agents.items()}
 
     def save(self, directory: str, agent_ids: Iterable[int] | None = None) -> None:
         """Write every agent's (or only `agent_ids`') state to `directory/agent_XXXXX.pt` (write-then-rename)."""

@@ -255,7 +255,7 @@ class VectorizedAgentGroup(AgentGroup):
             for i, agent in enumerate(agents)
         }
 
-    def evaluate(self) -> dict[int, EvalCounts]:
+    def evaluate(self, full: bool) -> dict[int, EvalCounts]:
         """Test-set counts per agent id, every agent's forward pass on a chunk at once.
 
         A chunk holds eval_batch_size // A samples, so one pass still forwards about
@@ -263,7 +263,7 @@ class VectorizedAgentGroup(AgentGroup):
         """
         agents = list(self.agents.values())
         params = stack_parameters(agents)
-        test_x, test_y = self.template.public.test_x, self.template.public.test_y
+        test_x, test_y = self.template.public.test_set(full)
         heads, classes = self.base.num_heads, self.base.num_classes
         correct = torch.zeros(len(agents), heads, classes, dtype=torch.int64, device=self.device)
         chunk = max(1, self.template.spec.train.eval_batch_size // len(agents))

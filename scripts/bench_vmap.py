@@ -81,7 +81,7 @@ def measure(
         if round_idx >= burn_in:
             round_s.append(time.perf_counter() - tick)
     tick = time.perf_counter()
-    group.evaluate()
+    group.evaluate(full=True)
     synchronize(execution.device)
     evaluate_s = time.perf_counter() - tick
     mean = sum(round_s) / len(round_s)

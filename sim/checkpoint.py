@@ -33,6 +33,7 @@ class LoopState:
     next_round: int = 0  # the public-batch schedule position is a pure function of this
     comm_bytes_total: int = 0
     round_times_s: list[float] = field(default_factory=list)
+    eval_time_s: float = 0.0  # summed over the evaluations so far
     last_eval: dict[str, Any] = field(default_factory=dict)
     actor_failures: int = 0
     rounds_replayed: int = 0

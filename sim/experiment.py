@@ -24,6 +24,7 @@ from agents.agent import AgentSpec, PublicData, TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
 from agents.model import ModelConfig, MultiHeadModel
 from sim.cluster import DataSource, PrivateData, cluster_config
+from sim.data.core import stratified_rows
 from sim.data.options import check_options
 from sim.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
 from sim.errors import ConfigError
@@ -31,7 +32,7 @@ from sim.faults import parse_faults
 from sim.methods import METHODS, MethodPlan
 from sim.partition import PARTITIONERS, class_count_matrix, partition
 from sim.placement import RuntimeConfig, check_cluster_address, check_gpus_exist
-from sim.seeding import derive_seed
+from sim.seeding import derive_rng, derive_seed
 from sim.validation import (
     boolean,
     int_between,
@@ -64,6 +65,7 @@ class Settings:
     num_agents: int
     rounds: int
     eval_every: int
+    eval_subset_size: int | None  # test samples evaluated during training; None: all of them
     seed: int
     method_name: str
     method: MethodPlan
@@ -85,6 +87,17 @@ class Experiment(Settings):
     public: PublicData
     dataset: str
     private: PrivateData  # each spec's rows of the dataset, for actors that read them on their node
+
+
+def evaluation_rows(test_y: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """The test rows evaluated during training: a stratified, seeded subset of about `size` (all if None or larger).
+
+    Every agent is evaluated on the same rows, so their accuracies stay comparable; the final
+    evaluation always uses the whole test set (docs/performance.md#evaluation).
+    """
+    if size is None or size >= len(test_y):
+        return np.arange(len(test_y), dtype=np.int64)
+    return stratified_rows(test_y, size / len(test_y), derive_rng(seed, "eval_subset"))
 
 
 def check_config(cfg: DictConfig) -> Settings:
@@ -109,6 +122,7 @@ def check_config(cfg: DictConfig) -> Settings:
         num_agents=num_agents,
         rounds=positive_int("rounds", cfg.rounds),
         eval_every=positive_int("eval_every", cfg.eval_every),
+        eval_subset_size=optional_positive_int("eval_subset_size", cfg.eval_subset_size),
         seed=seed,
         method_name=str(cfg.method.name),
         method=METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads),
@@ -165,7 +179,12 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         specs = [_central_spec(specs, seed)]
         parts = [np.concatenate(parts)]  # the central model's rows: every shard, in agent order
     public = PublicData(
-        split.public_x, settings.public_batch_size, derive_seed(seed, "public_schedule"), splits.test.x, splits.test.y
+        split.public_x,
+        settings.public_batch_size,
+        derive_seed(seed, "public_schedule"),
+        splits.test.x,
+        splits.test.y,
+        eval_rows=evaluation_rows(splits.test.y, settings.eval_subset_size, seed),
     )
     fixed = {field.name: getattr(settings, field.name) for field in fields(Settings)}
     fixed["graph"] = graph  # emptied for methods without messages

@@ -192,6 +192,7 @@ class WandbSink(Sink):
     def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
         import wandb
 
+        self.pending["eval/test_samples"] = record["test_samples"]  # a subset's during training, all at the end
         for head, row in record["heads"].items():
             for metric in ("shared_acc", "private_acc"):
                 self.pending[f"{metric}/{head}"] = row[metric]
@@ -222,7 +223,7 @@ class WandbSink(Sink):
             }
         )
         self.run.summary.update(flatten({key: value for key, value in summary.items() if key != "final"}))
-        self.run.summary.update(flatten({"final": {"round": final["round"], "heads": final["heads"]}}))
+        self.run.summary.update(flatten({"final": {key: final[key] for key in ("round", "test_samples", "heads")}}))
         self.completed = True
 
     def close(self) -> None:

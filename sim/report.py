@@ -106,6 +106,7 @@ def run_page(run: Run) -> str:
         f"{summary['num_edges']} edges",
         "runtime": ", ".join(f"{key} {value}" for key, value in summary.get("runtime", {}).items()),
         "recovery": ", ".join(f"{key} {value}" for key, value in summary.get("recovery", {}).items()),
+        "evaluation": evaluation_note(summary),
     }
     head_rows = [
         [head, *(f"{row[f'{metric}{suffix}']:.3f}" for metric in ("shared_acc", "private_acc") for suffix in SPREAD)]
@@ -180,6 +181,17 @@ def _name(config: dict[str, Any], group: str) -> str:
 
 def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def evaluation_note(summary: dict[str, Any]) -> str:
+    """Which test samples the numbers are on: final ones on all, curves on a subset (older runs: all)."""
+    facts = summary.get("evaluation")
+    if facts is None:
+        return "whole test set"
+    return (
+        f"final: {facts['final']} ({facts['final_test_samples']} samples); curves before the last round: "
+        f"{facts['during_training']} ({facts['during_training_test_samples']} samples)"
+    )
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], css: str = "") -> str:

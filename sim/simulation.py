@@ -6,7 +6,8 @@
     2. for each round: train + publish on the backend, then the method's exchange step
        (sim/exchange.py: count the routed predictions, or average weights); record losses,
        bytes, time
-    3. every eval_every rounds (and after the last): evaluate, compute per-head accuracy
+    3. every eval_every rounds: evaluate on the evaluation subset of the test set; after the
+       last round on the whole test set (the summary's numbers); compute per-head accuracy
     4. every checkpoint_every rounds, or on SIGINT/SIGTERM: checkpoint (then stop on a signal)
     5. a worker died: roll the whole population back to the last checkpoint and replay;
        a worker that dies during that restore is restored again, one that cannot be brought
@@ -138,10 +139,14 @@ def run_round(
     sent = exchange.after_training(backend, round_idx, metrics)
     elapsed = time.perf_counter() - tick
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
-    evaluated = None
+    evaluated, eval_s = None, 0.0
     if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:
         faults.arm(backend, "evaluate", round_idx)
-        evaluated = evaluation_record(experiment, backend.evaluate(), round_idx, record)
+        full = round_idx == experiment.rounds - 1  # the final numbers: every test sample
+        tick = time.perf_counter()
+        counts = backend.evaluate(full)
+        record["time/eval_s"] = eval_s = time.perf_counter() - tick
+        evaluated = evaluation_record(experiment, counts, round_idx, record, full)
     for sink in sinks:
         sink.log_round(round_idx, record)
         if evaluated is not None:
@@ -151,6 +156,7 @@ def run_round(
         next_round=round_idx + 1,
         comm_bytes_total=state.comm_bytes_total + sent,
         round_times_s=[*state.round_times_s, elapsed],
+        eval_time_s=state.eval_time_s + eval_s,
         last_eval=evaluated or state.last_eval,
     )
 
@@ -206,7 +212,7 @@ class Recovery:
 
 
 def evaluation_record(
-    experiment: Experiment, counts: dict[int, EvalCounts], round_idx: int, round_record: dict[str, float]
+    experiment: Experiment, counts: dict[int, EvalCounts], round_idx: int, round_record: dict[str, float], full: bool
 ) -> dict[str, Any]:
     """Per-agent and per-head accuracy after `round_idx` (1-based `round` in the record)."""
     if experiment.method.central:  # one model stands for every agent, each with its own mix
@@ -214,6 +220,7 @@ def evaluation_record(
     per_agent = agent_accuracies(counts, experiment.class_counts)
     return {
         "round": round_idx + 1,
+        "test_samples": int(next(iter(counts.values())).seen.sum()),  # the subset's size, or the whole test set's
         "heads": head_summary(per_agent),
         "per_agent": {str(agent_id): heads for agent_id, heads in per_agent.items()},
         **{key: value for key, value in round_record.items() if key != "round"},
@@ -242,13 +249,27 @@ def final_summary(
         "wall_time_s": wall_s,
         "setup_time_s": setup_s,
         "round_time_s_mean": sum(state.round_times_s) / max(len(state.round_times_s), 1),
+        "eval_time_s_total": state.eval_time_s,  # every evaluation's wall time (not in round_time_s)
         "comm_bytes_total": state.comm_bytes_total,
         "comm_bytes_per_round": state.comm_bytes_total / experiment.rounds,
         "comm_bytes_per_edge_per_round": per_edge_per_round(exchange, state.comm_bytes_total),
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
-        "final": {"round": last["round"], "heads": last["heads"], "per_agent": last["per_agent"]},
+        "evaluation": evaluation_facts(experiment),
+        "final": {key: last[key] for key in ("round", "test_samples", "heads", "per_agent")},
         **by_backbone(experiment, last["per_agent"]),
+    }
+
+
+def evaluation_facts(experiment: Experiment) -> dict[str, Any]:
+    """What each evaluation measured: a subset of the test set during training, all of it at the end."""
+    public = experiment.public
+    subset = len(public.eval_rows) < len(public.test_y)
+    return {
+        "during_training_test_samples": len(public.eval_rows),
+        "during_training": "stratified seeded subset" if subset else "whole test set",
+        "final_test_samples": len(public.test_y),
+        "final": "whole test set",
     }
 
 

@@ -23,7 +23,7 @@ def test_an_isolated_agent_learns_its_own_classes_on_digits() -> None:
     dominant = np.argsort(np.bincount(agent.spec.private_y, minlength=10))[-2:]
 
     def dominant_accuracy() -> float:
-        counts = agent.evaluate()
+        counts = agent.evaluate(full=True)
         return float(counts.correct[0, dominant].sum() / counts.seen[dominant].sum())
 
     before = dominant_accuracy()
@@ -73,7 +73,7 @@ def test_channels_last_computes_the_same_predictions() -> None:
     for agent in (plain, nhwc):
         agent.train_round(0, [])
     assert np.allclose(plain.predict(1).payload["logits"], nhwc.predict(1).payload["logits"], atol=5e-2)
-    assert np.array_equal(plain.evaluate().seen, nhwc.evaluate().seen)
+    assert np.array_equal(plain.evaluate(full=True).seen, nhwc.evaluate(full=True).seen)
 
 
 def test_bf16_autocast_learns_like_float32() -> None:
@@ -87,5 +87,6 @@ def test_bf16_autocast_learns_like_float32() -> None:
         for agent in (plain, bf16):
             losses = agent.train_round(round_idx, [])
     assert losses["loss/ce"] < 0.5  # bf16's last round
-    accuracies = [agent.evaluate().correct[0].sum() / agent.evaluate().seen.sum() for agent in (plain, bf16)]
+    counts = [agent.evaluate(full=True) for agent in (plain, bf16)]
+    accuracies = [count.correct[0].sum() / count.seen.sum() for count in counts]
     assert abs(accuracies[0] - accuracies[1]) < 0.05

@@ -206,7 +206,7 @@ def test_a_hypertransformer_agent_learns_digits() -> None:
     assert agent.eval_support is not None and len(agent.eval_support[0]) == agent.support_size
 
     def private_accuracy() -> float:
-        return agent_accuracies({0: agent.evaluate()}, experiment.class_counts)[0]["main"]["private_acc"]
+        return agent_accuracies({0: agent.evaluate(full=True)}, experiment.class_counts)[0]["main"]["private_acc"]
 
     before = private_accuracy()
     for round_idx in range(4):

@@ -227,7 +227,7 @@ def test_an_agent_learns_from_its_teacher_through_every_codec(codec: str) -> Non
     assert message.codec == codec
 
     def accuracy() -> float:
-        counts = student.evaluate()
+        counts = student.evaluate(full=True)
         return float(counts.correct[0].sum() / counts.seen.sum())
 
     chance = accuracy()

@@ -137,7 +137,7 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
                 assert type(leaf) in (int, float, str), type(leaf)
             audit_bundles()
             round_idx += 1
-        for counts in backend.evaluate().values():  # (3)
+        for counts in backend.evaluate(full=True).values():  # (3)
             assert type(counts) is EvalCounts and counts.correct.dtype == np.int64
     finally:
         backend.shutdown()

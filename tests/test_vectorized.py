@@ -112,11 +112,11 @@ def _check_parity(experiment: Experiment, case: str, rel: float, atol: float) ->
     silenced = SILENCED.get(case)
     plain = AgentGroup(experiment.specs, experiment.public, EXECUTION)
     vectorised = VectorizedAgentGroup(experiment.specs, experiment.public, EXECUTION)
-    _assert_counts_equal(plain.evaluate(), vectorised.evaluate())
+    _assert_counts_equal(plain.evaluate(full=True), vectorised.evaluate(full=True))
     expected = _run(plain, range(ROUNDS), {}, silenced)
     actual = _run(vectorised, range(ROUNDS), {}, silenced)
     _assert_rounds_agree(expected, actual, rel, atol)
-    _assert_counts_equal(plain.evaluate(), vectorised.evaluate())
+    _assert_counts_equal(plain.evaluate(full=True), vectorised.evaluate(full=True))
     return actual
 
 

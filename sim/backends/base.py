@@ -70,8 +70,8 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def evaluate(self) -> dict[int, EvalCounts]:
-        """Test-set counts per agent id."""
+    def evaluate(self, full: bool) -> dict[int, EvalCounts]:
+        """Test-set counts per agent id, on the whole test set or on its evaluation subset (PublicData.eval_rows)."""
 
     @abstractmethod
     def save(self, directory: Path) -> None:

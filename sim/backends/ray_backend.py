@@ -229,10 +229,10 @@ class RayBackend(Backend):
             refs[index] = ref
         return sizes, refs
 
-    def evaluate(self) -> dict[int, EvalCounts]:
+    def evaluate(self, full: bool) -> dict[int, EvalCounts]:
         self._deliver_faults("evaluate")
         counts: dict[int, EvalCounts] = {}
-        for group_counts in self._get([actor.evaluate.remote() for actor in self.actors]):
+        for group_counts in self._get([actor.evaluate.remote(full) for actor in self.actors]):
             counts.update(group_counts)
         return counts
 

@@ -51,10 +51,10 @@ class SerialBackend(Backend):
             group.mix_weights(mixing, shares)
         return share_bytes(shares)
 
-    def evaluate(self) -> dict[int, EvalCounts]:
+    def evaluate(self, full: bool) -> dict[int, EvalCounts]:
         counts: dict[int, EvalCounts] = {}
         for group in self.groups:
-            counts.update(group.evaluate())
+            counts.update(group.evaluate(full))
         return counts
 
     def save(self, directory: Path) -> None:

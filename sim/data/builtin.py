@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.data.core import DATASETS, ArrayDataset, DatasetSplits, standardised_splits, unit_scaled
+from sim.data.core import DATASETS, ArrayDataset, DatasetSplits, standardised_splits, stratified_rows, unit_scaled
 from sim.data.options import require
 from sim.seeding import derive_rng
 
@@ -34,7 +34,8 @@ def load_sklearn_digits(root: str | None, seed: int, *, test_fraction: float) ->
         "must lie strictly between 0 and 1",
     )
     images, labels = read_bundled_digits()
-    is_test = _stratified_test_mask(labels, test_fraction, derive_rng(seed, "test_split"))
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[stratified_rows(labels, test_fraction, derive_rng(seed, "test_split"))] = True
     pixels = unit_scaled(images[:, None], DIGITS_MAX_PIXEL)
     train = ArrayDataset(pixels[~is_test], labels[~is_test])
     test = ArrayDataset(pixels[is_test], labels[is_test])
@@ -52,15 +53,6 @@ def read_bundled_digits() -> tuple[np.ndarray, np.ndarray]:
         raise ModuleNotFoundError("the digits dataset needs scikit-learn installed")
     table = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
-
-
-def _stratified_test_mask(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A boolean mask selecting round(test_fraction * n_c) random samples of every class c."""
-    is_test = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        is_test[members[: round(test_fraction * len(members))]] = True
-    return is_test
 
 
 @DATASETS.register("synthetic")

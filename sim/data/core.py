@@ -84,3 +84,12 @@ def standardised_splits(
         np.divide(split.x, std, out=split.x)
     channels, height, width = train.x.shape[1:]
     return DatasetSplits(name, train, test, num_classes, (channels, height, width))
+
+
+def stratified_rows(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted rows holding round(fraction * n_c) random samples of every class c (each class keeps its share)."""
+    chosen = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        chosen.append(members[: round(fraction * len(members))])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)

@@ -1,0 +1,48 @@
+"""Evaluation: a stratified subset of the test set during training, the whole test set at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim.experiment import evaluation_rows
+from sim.run import run
+from tests.conftest import TINY, make_config
+
+RUN = [*TINY, "rounds=4", "eval_every=1", "runtime.backend=serial", "logger.report=false"]
+
+
+def test_the_evaluation_subset_keeps_every_class_share_and_is_seeded() -> None:
+    labels = np.repeat(np.arange(10), [100, 200, 50, 150, 100, 100, 100, 100, 50, 50])  # 1,000 samples, skewed
+    rows = evaluation_rows(labels, 200, seed=3)
+    assert len(rows) == 200 and len(set(rows)) == 200 and np.all(np.diff(rows) > 0)
+    np.testing.assert_array_equal(np.bincount(labels[rows], minlength=10), np.bincount(labels, minlength=10) // 5)
+    np.testing.assert_array_equal(rows, evaluation_rows(labels, 200, seed=3))
+    assert not np.array_equal(rows, evaluation_rows(labels, 200, seed=4))
+
+
+@pytest.mark.parametrize("size", [None, 1000, 5000])
+def test_no_subset_or_one_as_large_as_the_test_set_is_the_whole_test_set(size: int | None) -> None:
+    labels = np.arange(1000) % 10
+    np.testing.assert_array_equal(evaluation_rows(labels, size, seed=0), np.arange(1000))
+
+
+def test_training_evaluates_the_subset_and_the_final_numbers_are_on_the_whole_test_set(tmp_path: Path) -> None:
+    summary = run(make_config(*RUN, "eval_subset_size=100"), tmp_path / "subset")
+    whole = run(make_config(*RUN, "eval_subset_size=null"), tmp_path / "whole")
+    records = [json.loads(line) for line in (tmp_path / "subset" / "metrics.jsonl").read_text().splitlines()]
+    test_size = whole["final"]["test_samples"]
+    assert [record["test_samples"] for record in records] == [100, 100, 100, test_size]
+    assert summary["final"] == whole["final"]  # evaluation never changes training; the final one is on all samples
+    assert (
+        records[0]["heads"] != json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[0])["heads"]
+    )
+    assert summary["evaluation"] == {
+        "during_training_test_samples": 100,
+        "during_training": "stratified seeded subset",
+        "final_test_samples": test_size,
+        "final": "whole test set",
+    }
