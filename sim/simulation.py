@@ -256,7 +256,8 @@ def final_summary(
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
         "evaluation": evaluation_facts(experiment),
-        "final": {key: last[key] for key in ("round", "test_samples", "heads", "per_agent")},
+        # test_samples is None in a run resumed from a checkpoint of an older version
+        "final": {key: last.get(key) for key in ("round", "test_samples", "heads", "per_agent")},
         **by_backbone(experiment, last["per_agent"]),
     }
 
