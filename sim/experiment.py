@@ -31,7 +31,13 @@ from sim.errors import ConfigError
 from sim.faults import parse_faults
 from sim.methods import METHODS, MethodPlan
 from sim.partition import PARTITIONERS, class_count_matrix, partition
-from sim.placement import RuntimeConfig, check_cluster_address, check_gpus_exist
+from sim.placement import (
+    MIN_AGENT_BYTES,
+    RuntimeConfig,
+    check_cluster_address,
+    check_gpus_exist,
+    check_population_fits,
+)
 from sim.seeding import derive_rng, derive_seed
 from sim.validation import (
     boolean,
@@ -51,6 +57,10 @@ BACKBONE_OWN_KEYS = ("name", "optimizer")
 
 # Keys of conf/data/*.yaml consumed here; the rest are options of the dataset loader.
 DATA_SPLIT_KEYS = ("name", "root", "public_size", "public_batch_size")
+
+PARAMETER_COPIES = 4
+"""float32 copies of every parameter an agent keeps at least: weights, gradients and two optimizer
+buffers (Adam's moments; SGD's momentum needs one), a floor for the memory check."""
 
 MAX_AUX_HEADS = 16
 """Upper bound on model.aux_heads. Each head adds public_batch x classes logits to every message
@@ -115,6 +125,8 @@ def check_config(cfg: DictConfig) -> Settings:
     public_batch_size = positive_int("data.public_batch_size", cfg.data.public_batch_size)
     if public_batch_size > public_size:
         raise ConfigError("data.public_batch_size", public_batch_size, f"at most data.public_size={public_size}")
+    runtime = runtime_config(cfg.runtime)
+    check_population_fits(num_agents, MIN_AGENT_BYTES, runtime, "the smallest possible agent")  # before the graph
     backbones = backbone_assignment(cfg.backbone, num_agents)
     _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
@@ -127,7 +139,7 @@ def check_config(cfg: DictConfig) -> Settings:
         method_name=str(cfg.method.name),
         method=METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads),
         graph=build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology)),
-        runtime=runtime_config(cfg.runtime),
+        runtime=runtime,
         train=train,
         backbones=tuple(backbones),
         agent_train=agent_train_configs(backbones, train),
@@ -159,7 +171,10 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     graph = settings.graph if method.exchanges else nx.create_empty_copy(settings.graph)  # no messages, no edges
     models = _model_configs(cfg, splits, method, settings.backbones)
     for model in dict.fromkeys(models):  # each distinct architecture once
-        _check_model_builds(model)
+        parameters = _check_model_builds(model)
+        shard_bytes = max(split.private.x[part].nbytes for part in parts)
+        need = parameters * 4 * PARAMETER_COPIES + shard_bytes  # float32
+        check_population_fits(num_agents, need, settings.runtime, "weights, gradients, optimizer state and its shard")
     neighbours = in_neighbours(graph)
     specs = [
         AgentSpec(
@@ -394,13 +409,13 @@ def _with_dataset_classes(name: str, params: dict[str, Any], num_classes: int) -
     return params
 
 
-def _check_model_builds(model: ModelConfig) -> None:
-    """Builds one throwaway model, so a bad backbone value fails here rather than in every worker.
+def _check_model_builds(model: ModelConfig) -> int:
+    """Builds one throwaway model, so a bad backbone value fails here rather than in every worker; its parameters.
 
     The global torch RNG is left as it was: agents seed their own models.
     """
     with torch.random.fork_rng(devices=[]):
-        MultiHeadModel(model)
+        return sum(parameter.numel() for parameter in MultiHeadModel(model).parameters())
 
 
 def _check_builder_options(cfg: DictConfig, backbones: Sequence[AgentBackbone]) -> None:

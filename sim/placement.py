@@ -303,3 +303,33 @@ class _Packing:
         parts = [f"{node.address}: {node.resources.get(resource, 0.0):g}" for node in self.nodes[:NODES_SHOWN]]
         more = f", ... {len(self.nodes) - NODES_SHOWN} more" if len(self.nodes) > NODES_SHOWN else ""
         return f"{resource} per node: {', '.join(parts)}{more}" if parts else "the cluster has no nodes"
+
+
+MIN_AGENT_BYTES = 16 * 1024
+"""A floor under one agent's memory in its worker, known before any data is read: its Python
+objects, RNG, optimizer and a model of a few hundred parameters already take more (measured per
+agent in docs/performance.md#scale). It only has to reject the impossible at once; the check after
+the data is read uses the real model and shard sizes."""
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_population_fits(num_agents: int, bytes_per_agent: int, runtime: RuntimeConfig, what: str) -> None:
+    """Rejects a population that cannot fit this machine's memory, before anything is built for it.
+
+    Agents on a cluster (runtime.address) are checked against the nodes' resources when
+    actors are planned; here only a run on this machine is.
+    """
+    if not runtime.on_this_machine:
+        return
+    memory = machine_memory_bytes()
+    if num_agents * bytes_per_agent > memory:
+        raise ConfigError(
+            "num_agents",
+            num_agents,
+            f"at most {memory // bytes_per_agent:,} on this machine ({memory / 2**30:.1f} GiB of memory): "
+            f"each agent needs at least {bytes_per_agent / 2**20:.2f} MiB ({what})",
+        )

@@ -16,6 +16,7 @@ from typing import NoReturn
 import pytest
 import torch
 
+import sim.placement
 import sim.run
 from sim.cli import EXIT_BAD_INPUT, bad_input_exits
 from sim.data import idx
@@ -232,3 +233,25 @@ def test_debug_shows_the_traceback_instead(tmp_path: Path) -> None:
     for bad in ("num_agents=0", "topology=rnig"):
         done = mhd_sim(*TINY, "runtime.backend=serial", "debug=true", bad, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
         assert done.returncode != 0 and "Traceback" in done.stderr and "ConfigError" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "need"),
+    [
+        (["num_agents=100000000"], "the smallest possible agent"),  # before the graph of 10^8 nodes is built
+        (["data=synthetic", "data.num_train=70000", "num_agents=60000"], "weights, gradients, optimizer state"),
+    ],
+    ids=["any-agent", "these-models"],
+)
+def test_a_population_that_cannot_fit_in_memory_is_refused_at_once(
+    overrides: list[str], need: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a machine of 16 GiB, whatever this one has."""
+    monkeypatch.setattr(sim.placement, "machine_memory_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(sim.run, "create_backend", forbidden)
+    with pytest.raises(SystemExit) as exited, bad_input_exits(debug=False):
+        sim.run.run(make_config(*TINY, "runtime.backend=serial", *overrides), Path("unused"))
+    assert exited.value.code == EXIT_BAD_INPUT
+    stderr = capsys.readouterr().err
+    assert_one_line_naming(stderr, "num_agents", overrides[-1].split("=")[1])
+    assert "on this machine (16.0 GiB of memory)" in stderr and need in stderr
