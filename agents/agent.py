@@ -8,6 +8,7 @@ dict of metric numbers — never a parameter, gradient or private sample.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,18 @@ RoundTargets = dict[str, torch.Tensor]
 the embedding. Empty when the agent has no teacher this round."""
 
 
+def shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` as a tensor on `device`, without a copy on the CPU even when the array is read-only.
+
+    The public and test sets reach an actor through Ray's object store as read-only views of
+    shared memory that every actor of a node maps once; agents only read them, so viewing them
+    keeps one copy per node instead of one per process (docs/performance.md#memory).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).to(device)
+
+
 class TrainingDivergedError(RuntimeError):
     """A loss or an outgoing logit became non-finite: the run would only produce noise."""
 
@@ -118,7 +131,7 @@ class Agent:
         self.optimizer: torch.optim.Optimizer = instantiate(spec.train.optimizer, params=self.model.parameters())
         self.private_x = torch.tensor(spec.private_x, device=device)  # own copy: specs may be read-only
         self.private_y = torch.tensor(spec.private_y, device=device)
-        self.public_x = torch.from_numpy(public.public_x).to(device)  # shared by the group's agents
+        self.public_x = shared_tensor(public.public_x, device)  # shared by the group's agents (and actors of a node)
         self._order = torch.randperm(len(self.private_y), generator=self.generator)
         self._cursor = 0
         self._batch_index: torch.Tensor | None = None  # the latest private minibatch's shard indices
@@ -308,7 +321,7 @@ class Agent:
         self._condition_for_inference()
         with torch.inference_mode():
             for start in range(0, len(test_y), self.spec.train.eval_batch_size):
-                x = torch.from_numpy(test_x[start : start + self.spec.train.eval_batch_size]).to(self.device)
+                x = shared_tensor(test_x[start : start + self.spec.train.eval_batch_size], self.device)
                 y = test_y[start : start + self.spec.train.eval_batch_size]
                 with self.autocast():
                     logits = self.forward(x.contiguous(memory_format=self.memory_format))[0]  # [heads, b, C]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from agents.agent import Agent, AgentSpec, ExecutionConfig, PublicData
@@ -28,9 +26,8 @@ class AgentGroup:
     def __init__(self, specs: Sequence[AgentSpec], public: PublicData, execution: ExecutionConfig) -> None:
         torch.set_num_threads(execution.torch_threads)
         self.device = torch.device(execution.device)
-        # One writable copy per process, shared by every agent here (arrays that arrive through
-        # Ray's object store are read-only views).
-        public = replace(public, public_x=np.array(public.public_x), test_x=np.array(public.test_x))
+        # The public and test sets stay as they arrived: on Ray, read-only views of the node's
+        # object store, one copy for every actor of the node (agents.agent.shared_tensor).
         self.agents = {spec.agent_id: Agent(spec, public, execution) for spec in specs}
 
     def run_round(

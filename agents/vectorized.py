@@ -41,6 +41,7 @@ from agents.agent import (
     ExecutionConfig,
     PublicData,
     TrainConfig,
+    shared_tensor,
 )
 from agents.group import AgentGroup, Bundle
 from agents.losses import EMBEDDING_TERM, mhd_terms, weighted_total
@@ -270,8 +271,8 @@ class VectorizedAgentGroup(AgentGroup):
         self.base.eval()
         with torch.inference_mode():
             for start in range(0, len(test_y), chunk):
-                x = torch.from_numpy(test_x[start : start + chunk]).to(self.device)  # [b, C, H, W]
-                y = torch.from_numpy(test_y[start : start + chunk]).to(self.device)  # [b]
+                x = shared_tensor(test_x[start : start + chunk], self.device)  # [b, C, H, W]
+                y = shared_tensor(test_y[start : start + chunk], self.device)  # [b]
                 predicted = self._forward_shared(params, x)[0].argmax(dim=-1)  # [A, heads, b]
                 correct.index_add_(2, y, (predicted == y).long())
         seen = np.bincount(test_y, minlength=classes).astype(np.int64)

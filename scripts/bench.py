@@ -28,6 +28,11 @@ Per mode (nanoGPT's bench.py habit: burn in, then measure, then print):
     peak RSS   VmHWM of the driver (reset at the start of each mode) and of every actor, and their
                sum. Shared pages (libraries, the object store) count in every process that maps
                them, so the sum is an upper bound; Ray's own daemons (raylet, GCS) are not counted.
+    peak PSS   proportional set size (/proc/PID/smaps_rollup): a page shared by n processes counts
+               1/n in each, so the sum over processes counts it once. Sampled after start-up and
+               after every measured round; the sample with the largest driver + workers sum is
+               kept, and the other processes this one started (Ray's daemons, idle workers) are
+               reported beside it as `ray_services`.
 Ratios are against `raw`. Prints a table and writes JSON (--out).
 """
 
@@ -234,6 +239,49 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def pss_mib(pid: int | str) -> float | None:
+    """A process's proportional set size in MiB; None when /proc has no such process (or no smaps_rollup)."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` in the process tree (from /proc: pid -> parent pid)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def pss_snapshot(worker_pids: list[int]) -> dict[str, float]:
+    """PSS now of the driver, the workers, and the other processes this one started (Ray's daemons)."""
+    workers = set(worker_pids)
+    services = [pid for pid in descendants(os.getpid()) if pid not in workers]
+    driver = pss_mib("self") or 0.0
+    worker_total = sum(pss_mib(pid) or 0.0 for pid in workers)
+    return {
+        "driver": driver,
+        "workers": worker_total,
+        "driver_and_workers": driver + worker_total,
+        "ray_services": sum(pss_mib(pid) or 0.0 for pid in services),
+    }
+
+
 def memory(worker_pids: list[int]) -> dict[str, Any]:
     """Peak RSS of the driver and of each worker process, and their sum (MiB)."""
     driver = peak_rss_mib("self")
@@ -262,6 +310,7 @@ def measure(mode: str, overrides: list[str], cores: int, burn_in: int, rounds: i
     startup_s = time.perf_counter() - tick
     try:
         publish = experiment.method.exchanges
+        pss = [pss_snapshot(loop.worker_pids())]
         for round_idx in range(burn_in):
             loop.run_round(round_idx, publish)
         round_s = []
@@ -269,6 +318,7 @@ def measure(mode: str, overrides: list[str], cores: int, burn_in: int, rounds: i
             tick = time.perf_counter()
             loop.run_round(round_idx, publish)
             round_s.append(time.perf_counter() - tick)
+            pss.append(pss_snapshot(loop.worker_pids()))
         peak = memory(loop.worker_pids())
         placement = loop.describe()
     finally:
@@ -285,6 +335,7 @@ def measure(mode: str, overrides: list[str], cores: int, burn_in: int, rounds: i
         "samples_per_round": per_round,
         "samples_per_s": per_round / mean_round_s,
         "peak_rss_mib": peak,
+        "peak_pss_mib": max(pss, key=lambda sample: sample["driver_and_workers"]),
         "driver_peak_reset": driver_peak_reset,
         "placement": placement,
     }
@@ -296,6 +347,8 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
     for result in results.values():
         result["round_vs_raw"] = None if raw is None else result["round_s_mean"] / raw["round_s_mean"]
         result["startup_vs_raw"] = None if raw is None else result["startup_s"] / raw["startup_s"]
+        raw_pss = None if raw is None else raw["peak_pss_mib"]["driver_and_workers"]
+        result["pss_vs_raw"] = None if raw_pss is None else result["peak_pss_mib"]["driver_and_workers"] / raw_pss
 
 
 def machine_facts(cores: int) -> dict[str, Any]:
@@ -344,14 +397,15 @@ def print_table(report: dict[str, Any]) -> None:
         f"{report['burn_in']} burn-in + {report['rounds']} rounds | {report['machine']['cores_used']} cores"
     )
     header = f"{'mode':<18} {'start-up s':>10} {'x raw':>7} {'round s':>9} {'x raw':>7} {'samples/s':>10} "
-    print(header + f"{'RSS MiB: driver':>15} {'workers':>8} {'total':>7}")
+    print(header + f"{'RSS MiB: driver':>15} {'workers':>8} {'total':>7} {'PSS MiB':>8} {'x raw':>6} {'+ Ray':>6}")
     for mode, result in report["modes"].items():
-        peak = result["peak_rss_mib"]
+        peak, pss = result["peak_rss_mib"], result["peak_pss_mib"]
         workers = sum(value for value in peak["workers"].values() if value is not None)
         print(
             f"{mode:<18} {result['startup_s']:>10.2f} {_ratio(result['startup_vs_raw']):>7} "
             f"{result['round_s_mean']:>9.3f} {_ratio(result['round_vs_raw']):>7} {result['samples_per_s']:>10,.0f} "
-            f"{_mib(peak['driver']):>15} {workers:>8,.0f} {peak['total']:>7,.0f}"
+            f"{_mib(peak['driver']):>15} {workers:>8,.0f} {peak['total']:>7,.0f} "
+            f"{pss['driver_and_workers']:>8,.0f} {_ratio(result['pss_vs_raw']):>6} {pss['ray_services']:>6,.0f}"
         )
     for note in report["notes"]:
         print(f"note: {note}")

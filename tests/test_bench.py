@@ -41,6 +41,8 @@ MODE_KEYS = {
     "samples_per_round",
     "samples_per_s",
     "peak_rss_mib",
+    "peak_pss_mib",
+    "pss_vs_raw",
     "driver_peak_reset",
     "placement",
     "round_vs_raw",
@@ -76,6 +78,8 @@ def test_bench_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
     for mode, result in report["modes"].items():
         assert set(result) == MODE_KEYS, mode
         assert set(result["peak_rss_mib"]) == {"driver", "workers", "total"}
+        assert set(result["peak_pss_mib"]) == {"driver", "workers", "driver_and_workers", "ray_services"}
+        assert 0 < result["peak_pss_mib"]["driver"] <= result["peak_pss_mib"]["driver_and_workers"]
         assert result["samples_per_round"] == 3 * 1 * (8 + 8)  # K x local_steps x (batch + distill batch)
     assert report["modes"]["raw"]["round_vs_raw"] == 1.0
     assert len(report["modes"]["ray_one_per_actor"]["peak_rss_mib"]["workers"]) == 3  # one actor per agent
