@@ -280,22 +280,49 @@ def agent_train_configs(backbones: Sequence[AgentBackbone], train: TrainConfig) 
 
 
 def _check_optimizer(optimizer: dict[str, Any], key: str) -> None:
-    """Builds the optimizer as every Agent will, on one throwaway parameter.
+    """Builds the optimizer as every Agent will (Hydra's instantiate), on one throwaway parameter.
 
     A bad `_target_` or kwarg then fails here, once, naming its key, instead of inside every
-    agent after the workers have started.
+    agent after the workers have started. The class's own constructor checks the values; only
+    the build goes through `_build_without_dynamo`, so that the driver of a Ray run never
+    imports torch._dynamo (~2 s of start-up), which only the agents' processes need.
     """
     target = str(optimizer["_target_"])
     optimizer_class = _import_class(target, f"{key}._target_")
     if not issubclass(optimizer_class, torch.optim.Optimizer):
         raise ConfigError(f"{key}._target_", target, "a subclass of torch.optim.Optimizer")
     _check_kwarg_names(optimizer_class, optimizer, key)
+    builder = f"{__name__}.{_build_without_dynamo.__name__}"
     try:
-        instantiate(optimizer, params=[torch.nn.Parameter(torch.zeros(1))])
+        instantiate({**optimizer, "_target_": builder}, optimizer_class, params=[torch.nn.Parameter(torch.zeros(1))])
     except InstantiationException as error:
         kwargs = {key: value for key, value in optimizer.items() if key != "_target_"}
         reason = " ".join(str(error.__cause__ or error).split())
         raise ConfigError(key, kwargs, f"{target} rejects them: {reason}") from None
+
+
+class _UndecoratedParamGroups(torch.optim.Optimizer):
+    """Optimizer.add_param_group without its `torch._disable_dynamo` wrapper.
+
+    The wrapper imports torch._dynamo on its first call; the function it wraps is the same
+    code, so a class that has this mixin after itself in its MRO builds exactly as it would.
+    """
+
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+
+
+def _build_without_dynamo(optimizer_class: type, /, **kwargs: Any) -> Any:
+    """`optimizer_class(**kwargs)`, with the base class's add_param_group undecorated.
+
+    The throwaway subclass puts `_UndecoratedParamGroups` between the class (and its own
+    overrides) and torch.optim.Optimizer; a class that does not admit it (Optimizer itself)
+    is built as it is.
+    """
+    try:
+        probe = type(optimizer_class.__name__, (optimizer_class, _UndecoratedParamGroups), {})
+    except TypeError:
+        probe = optimizer_class
+    return probe(**kwargs)
 
 
 def _check_kwarg_names(optimizer_class: type, optimizer: dict[str, Any], key: str) -> None:
