@@ -10,18 +10,19 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sim import plots
 from sim.registry import Registry
 from sim.rundir import read_graph, read_partition
+
+if TYPE_CHECKING:  # matplotlib (~1 s to import) only where a figure is drawn: wandb, the report
+    from matplotlib.figure import Figure
 
 
 class Sink:
@@ -161,6 +162,8 @@ class WandbSink(Sink):
     def start(self, config: dict[str, Any], total_rounds: int) -> None:
         import wandb  # imported here: runs without logger=wandb never pay for it
 
+        from sim import plots
+
         sweep_group, job_name = hydra_job_names()
         self.run = wandb.init(
             project=self.params["project"],
@@ -210,6 +213,8 @@ class WandbSink(Sink):
         self._flush()  # what is logged stays logged: wandb cannot un-log
 
     def finish(self, summary: dict[str, Any]) -> None:
+        from sim import plots
+
         self._flush()
         final = summary["final"]
         per_agent = {int(agent): heads for agent, heads in final["per_agent"].items()}
@@ -287,6 +292,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _image(figure: Figure) -> Any:
     import wandb
+
+    from sim import plots
 
     return wandb.Image(plots.pixels(figure))
 

@@ -10,6 +10,7 @@ does not change its results).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from sim.errors import ConfigError
 from sim.experiment import Experiment, build_experiment
 from sim.interrupt import RunInterrupted, resume_command
 from sim.loggers import LOGGERS, JsonlSink, Sink
-from sim.report import write_run_report
 from sim.simulation import CheckpointPolicy, group_plans, run_rounds, write_json
 from sim.validation import non_negative_int, positive_int
 
@@ -71,9 +71,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for sink in sinks:
             sink.close()
         backend.shutdown()
-    if cfg.logger.report:  # after the summary is final: a plotting error cannot mark the run failed
-        print(f"report: {write_run_report(run_dir)}", flush=True)
+    if cfg.logger.report:  # after the summary and the table are out
+        write_report(run_dir)
     return summary
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html and plots/ of a completed run; a failure is one line on stderr, never a failed run.
+
+    The summary is final before this starts. matplotlib (~1 s to import) is imported here, so a
+    run without a report never loads it.
+    """
+    try:
+        from sim.report import write_run_report
+
+        page = write_run_report(run_dir)
+    except Exception as error:
+        reason = describe_error(error)
+        print(f"mhd-sim: report not written ({reason}); write it with: mhd-sim-report {run_dir}", file=sys.stderr)
+        return
+    print(f"report: {page}", flush=True)
 
 
 def resumed_run(cfg: DictConfig) -> tuple[DictConfig, Path, Checkpoint]:
