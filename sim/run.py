@@ -11,6 +11,7 @@ does not change its results).
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     backend, groups = create_backend(experiment)
     sinks: list[Sink] = [JsonlSink(run_dir)]
+    completed = False
     try:
         plans = group_plans(experiment, groups)
         if experiment.runtime.vectorize:  # before any worker starts
@@ -58,6 +60,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for sink in sinks:
             sink.start(_plain(cfg), experiment.rounds)
         summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
+        completed = True
     except RunInterrupted:
         raise  # summary.json already says "interrupted" and how to resume
     except RecoveryFailedError as error:  # the checkpoints stay: resume= continues once the cause is fixed
@@ -70,10 +73,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         for sink in sinks:
             sink.close()
-        backend.shutdown()
-    if cfg.logger.report:  # after the summary and the table are out
-        write_report(run_dir)
+        # After the summary and the table are out: the plots are drawn while the backend stops.
+        report = start_report(run_dir) if completed and cfg.logger.report else None
+        try:
+            backend.shutdown()
+        finally:
+            if report is not None:
+                report.join()
     return summary
+
+
+def start_report(run_dir: Path) -> threading.Thread:
+    """`write_report` in a thread, so that drawing overlaps the backend's shutdown (Ray stopping its processes)."""
+    thread = threading.Thread(target=write_report, args=(run_dir,), name="mhd-sim-report", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_report(run_dir: Path) -> None:
