@@ -34,6 +34,7 @@ class LoopState:
     comm_bytes_total: int = 0
     round_times_s: list[float] = field(default_factory=list)
     eval_time_s: float = 0.0  # summed over the evaluations so far
+    eval_history: list[dict[str, float]] = field(default_factory=list)  # per evaluation: round, main-head means
     last_eval: dict[str, Any] = field(default_factory=dict)
     actor_failures: int = 0
     rounds_replayed: int = 0

@@ -24,6 +24,7 @@ from agents.agent import AgentSpec, PublicData, TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
 from agents.model import ModelConfig, MultiHeadModel
 from sim.cluster import DataSource, PrivateData, cluster_config
+from sim.convergence import ConvergenceRule, convergence_rule
 from sim.data.core import stratified_rows
 from sim.data.options import check_options
 from sim.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
@@ -76,6 +77,7 @@ class Settings:
     rounds: int
     eval_every: int
     eval_subset_size: int | None  # test samples evaluated during training; None: all of them
+    convergence: ConvergenceRule  # when the run counts as still rising at its end
     seed: int
     method_name: str
     method: MethodPlan
@@ -135,6 +137,7 @@ def check_config(cfg: DictConfig) -> Settings:
         rounds=positive_int("rounds", cfg.rounds),
         eval_every=positive_int("eval_every", cfg.eval_every),
         eval_subset_size=optional_positive_int("eval_subset_size", cfg.eval_subset_size),
+        convergence=convergence_rule(cfg.convergence),
         seed=seed,
         method_name=str(cfg.method.name),
         method=METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads),

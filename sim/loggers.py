@@ -118,6 +118,8 @@ class ConsoleSink(Sink):
     def finish(self, summary: dict[str, Any]) -> None:
         self.close()
         print(format_head_table(summary), flush=True)
+        if "convergence" in summary:
+            print(f"convergence: {summary['convergence']['note']}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

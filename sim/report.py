@@ -107,6 +107,7 @@ def run_page(run: Run) -> str:
         "runtime": ", ".join(f"{key} {value}" for key, value in summary.get("runtime", {}).items()),
         "recovery": ", ".join(f"{key} {value}" for key, value in summary.get("recovery", {}).items()),
         "evaluation": evaluation_note(summary),
+        "convergence": summary.get("convergence", {}).get("note", "not recorded (a run of an older version)"),
     }
     head_rows = [
         [head, *(f"{row[f'{metric}{suffix}']:.3f}" for metric in ("shared_acc", "private_acc") for suffix in SPREAD)]

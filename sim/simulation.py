@@ -32,6 +32,7 @@ from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
 from sim.backends.base import RecoveryFailedError, WorkerLostError
 from sim.checkpoint import Checkpoint, CheckpointStore, LoopState
+from sim.convergence import convergence, history_point
 from sim.exchange import Exchange, build_exchange
 from sim.experiment import Experiment
 from sim.faults import FaultSchedule
@@ -157,6 +158,7 @@ def run_round(
         comm_bytes_total=state.comm_bytes_total + sent,
         round_times_s=[*state.round_times_s, elapsed],
         eval_time_s=state.eval_time_s + eval_s,
+        eval_history=[*state.eval_history, history_point(evaluated)] if evaluated else state.eval_history,
         last_eval=evaluated or state.last_eval,
     )
 
@@ -256,6 +258,7 @@ def final_summary(
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
         "evaluation": evaluation_facts(experiment),
+        "convergence": convergence(state.eval_history, experiment.rounds, experiment.convergence),
         # test_samples is None in a run resumed from a checkpoint of an older version
         "final": {key: last.get(key) for key in ("round", "test_samples", "heads", "per_agent")},
         **by_backbone(experiment, last["per_agent"]),

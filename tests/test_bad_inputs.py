@@ -111,6 +111,9 @@ BAD_INPUTS = [
     case("runtime.faults=[{point:train,round:-1}]", key="runtime.faults[0].round", value="-1", id="fault-round"),
     case("runtime.faults=[{point:train,when:1}]", key="runtime.faults[0].when", value="1", id="unknown-fault-key"),
     case("runtime.faults=[{point:train}]", key="runtime.faults", value="train", id="fault-without-actors"),
+    case("convergence.window=1", key="convergence.window", value="1", id="convergence-window-not-a-fraction"),
+    case("convergence.min_gain=0", key="convergence.min_gain", value="0", id="convergence-gain"),
+    case("eval_subset_size=0", key="eval_subset_size", value="0", id="empty-eval-subset"),
     case("logger=wandb", "logger.mode=sometimes", key="logger.mode", value="'sometimes'", id="unknown-wandb-mode"),
     # sizes against the data, and dataset files
     case("data.public_batch_size=500", key="data.public_batch_size", value="500", id="public-batch-above-public-set"),
