@@ -1,0 +1,257 @@
+"""Whole-process wall time of `mhd-sim rounds=1`, cold and attached to a running Ray, against the floor.
+
+    python scripts/bench_startup.py [--repeats 5] [--out bench_startup.json] [OVERRIDE ...]
+
+Three kinds of process, each run --repeats times from a fresh `python` (the numbers a user
+feels from the shell), reported as median, min and max, and as ratios of the medians to the
+floor's:
+
+    floor  a Python process that imports torch and ray, starts a local Ray on loopback exactly as
+           `mhd-sim` does (sim.backends.ray_backend.connect_ray) and stops it: what any Ray program
+           on this machine pays before it does anything
+    cold   `mhd-sim rounds=1 [OVERRIDE ...]`: starts and stops its own Ray
+    warm   `mhd-sim rounds=1 runtime.address=auto [OVERRIDE ...]` attached to a Ray that this
+           script started before with `ray start --head --node-ip-address=127.0.0.1` (the warm
+           mode of README.md) and stops after the last run
+
+The floor and cold runs alternate, so that a change of load on the machine hits both; the
+warm runs follow. The script's Ray uses its own temp dir, free ports and a random token
+(RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), so it neither finds nor disturbs another Ray on the
+machine, and it stops only that Ray. Each mhd-sim run's own summary.json times (actor
+start-up, rounds) and the load average are kept with its sample. Targets (docs/performance.md):
+cold <= 1.4x and warm <= 0.6x the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+MHD_SIM = shutil.which("mhd-sim", path=str(Path(sys.executable).parent)) or "mhd-sim"
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+TARGETS = {"cold_vs_floor": 1.4, "warm_vs_floor": 0.6}
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a node's servers bind to 127.0.0.1 only
+RUN_TIMEOUT_S = 300
+HEAD_START_TIMEOUT_S = 120
+HEAD_STOP_TIMEOUT_S = 30
+
+# The floor: what sim.backends.ray_backend.connect_ray does for a local Ray (loopback_only sets
+# LOOPBACK_SWITCH before ray.init; here it is set before ray is imported, which Ray reads the same way).
+FLOOR_CODE = """
+import logging, os
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import torch
+import ray
+ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+ray.shutdown()
+"""
+
+HEAD_PORT_FLAGS = (
+    "port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (each probe stays bound until all are chosen)."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+    return ports
+
+
+def timed(command: Sequence[str], env: dict[str, str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Wall time of `command` from spawn to exit, and its result (a failure stops the benchmark)."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        list(command), env=env, cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return elapsed, result
+
+
+def sample(kind: str, command: Sequence[str], env: dict[str, str], cwd: Path, run_dir: Path | None) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    wall, _ = timed(command, env, cwd)
+    found: dict[str, Any] = {"wall_s": round(wall, 3), "load_1min_before": round(load_before, 2)}
+    if run_dir is not None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        found |= {key: summary.get(key) for key in ("wall_time_s", "setup_time_s", "round_time_s_mean")}
+        found["report_written"] = (run_dir / "report.html").is_file()
+    print(f"  {kind:<5} {wall:6.2f} s  (load {load_before:.2f})", flush=True)
+    return found
+
+
+def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    walls = [entry["wall_s"] for entry in samples]
+    return {
+        "median_s": round(statistics.median(walls), 3),
+        "min_s": min(walls),
+        "max_s": max(walls),
+        "samples": samples,
+    }
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without Ray's variables (an address or token set in the shell)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("RAY_")} | {
+        "RAY_USAGE_STATS_ENABLED": "0"
+    }
+
+
+@contextlib.contextmanager
+def running_head(temp_dir: Path) -> Iterator[tuple[dict[str, str], float]]:
+    """`ray start --head` on 127.0.0.1 with token auth; yields the drivers' environment and the start time."""
+    ports = dict(zip(HEAD_PORT_FLAGS, free_ports(len(HEAD_PORT_FLAGS)), strict=True))
+    env = clean_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # The head's servers listen on 127.0.0.1 only, as those of mhd-sim's own local Ray do; a driver
+    # needs the switch too, or Ray swaps 127.0.0.1 in the address for the machine's own IP.
+    env[LOOPBACK_SWITCH] = "0"
+    log = temp_dir / "head.log"
+    command = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir / 'ray'}"]
+    command += ["--include-dashboard=false", "--disable-usage-stats", "--block"]
+    command += [f"--{flag}={port}" for flag, port in ports.items()]
+    started = time.perf_counter()
+    with log.open("wb") as output:
+        head = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while b"Ray runtime started" not in log.read_bytes():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        start_s = time.perf_counter() - started
+        yield env | {"RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}, start_s
+    finally:
+        stop_head(head)
+
+
+def stop_head(head: subprocess.Popen[bytes]) -> None:
+    """SIGTERM makes `ray start --block` stop its node; whatever is left of its process group is killed."""
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=HEAD_STOP_TIMEOUT_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)  # its group id is its pid (start_new_session)
+    head.wait()
+
+
+def machine_facts() -> dict[str, Any]:
+    versions = subprocess.run(
+        [PYTHON, "-c", "import torch, ray; print(torch.__version__, ray.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": versions[0],
+        "ray": versions[1],
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both mhd-sim runs, after rounds=1")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each kind (5)")
+    parser.add_argument("--out", type=Path, default=Path("bench_startup.json"), help="JSON output (bench_startup.json)")
+    parser.add_argument("--kinds", default="floor,cold,warm", help="comma-separated subset of floor,cold,warm")
+    args = parser.parse_intermixed_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    args.kinds = args.kinds.split(",")
+    if not args.kinds or set(args.kinds) - {"floor", "cold", "warm"}:
+        parser.error("--kinds takes floor, cold and warm")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the floor, cold and warm processes, prints the medians and ratios, writes and returns the report."""
+    args = parse_args(argv)
+    overrides = ["rounds=1", *args.overrides]
+    samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.kinds}
+    load_start = os.getloadavg()
+    scratch = Path(tempfile.mkdtemp(prefix="mhd-startup-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        env = clean_env()
+        for index in range(args.repeats):
+            if "floor" in samples:
+                samples["floor"].append(sample("floor", [PYTHON, "-c", FLOOR_CODE], env, scratch, None))
+            if "cold" in samples:
+                run_dir = scratch / f"cold-{index}"
+                command = [MHD_SIM, *overrides, f"hydra.run.dir={run_dir}"]
+                samples["cold"].append(sample("cold", command, env, scratch, run_dir))
+        head_start_s = None
+        if "warm" in samples:
+            with running_head(scratch) as (warm_env, head_start_s):
+                print(f"  ray start --head: {head_start_s:.2f} s", flush=True)
+                for index in range(args.repeats):
+                    run_dir = scratch / f"warm-{index}"
+                    command = [MHD_SIM, *overrides, "runtime.address=auto", f"hydra.run.dir={run_dir}"]
+                    samples["warm"].append(sample("warm", command, warm_env, scratch, run_dir))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results = {kind: summarise(found) for kind, found in samples.items()}
+    floor = results.get("floor")
+    for kind in ("cold", "warm"):
+        if kind in results:
+            ratio = None if floor is None else results[kind]["median_s"] / floor["median_s"]
+            results[kind]["vs_floor"] = None if ratio is None else round(ratio, 3)
+    report = {
+        "overrides": overrides,
+        "repeats": args.repeats,
+        "machine": machine_facts(),
+        "load_avg_1_5_15": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        "head_start_s": None if head_start_s is None else round(head_start_s, 3),
+        "targets": TARGETS,
+        "results": results,
+    }
+    print_table(report)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"start-up | mhd-sim {' '.join(report['overrides'])} | {report['repeats']} runs each | median (min-max)")
+    for kind, result in report["results"].items():
+        ratio = result.get("vs_floor")
+        target = TARGETS.get(f"{kind}_vs_floor")
+        versus = "" if ratio is None else f"  {ratio:.2f}x floor (target <= {target}x)"
+        print(f"{kind:<6} {result['median_s']:6.2f} s ({result['min_s']:.2f}-{result['max_s']:.2f}){versus}")
+    load = report["load_avg_1_5_15"]
+    print(f"load average (1, 5, 15 min): {load['start']} at start, {load['end']} at end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Start-up: the driver imports only what the run uses, and scripts/bench_startup.py writes its JSON (no timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import sim.report
+from sim.run import run
+from tests.conftest import TINY, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_STARTUP = ROOT / "scripts" / "bench_startup.py"
+
+# Checks the default config as preflight does, builds the experiment, and lists the heavy
+# modules the driver holds by then: none of them is needed before the agents run.
+DRIVER_IMPORTS = """
+import json, sys
+from tests.conftest import make_config
+from sim.experiment import build_experiment, check_config
+import sim.cli
+cfg = make_config()
+check_config(cfg)
+build_experiment(cfg)
+print(json.dumps(sorted(name for name in ("torch._dynamo", "matplotlib", "wandb") if name in sys.modules)))
+"""
+
+
+def test_checking_and_building_a_run_imports_no_dynamo_matplotlib_or_wandb() -> None:
+    """The optimizer check builds the optimizer without importing torch._dynamo (~2 s); plots wait for the report."""
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER_IMPORTS], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+def test_a_report_that_fails_is_one_line_and_the_run_stays_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(run_dir: Path) -> Path:
+        raise RuntimeError("no fonts here")
+
+    monkeypatch.setattr(sim.report, "write_run_report", broken)
+    run_dir = tmp_path / "run"
+    summary = run(make_config(*TINY, "rounds=1", "eval_every=1", "runtime.backend=serial"), run_dir)
+    assert summary["status"] == "completed"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    expected = f"mhd-sim: report not written (RuntimeError: no fonts here); write it with: mhd-sim-report {run_dir}"
+    assert expected in capsys.readouterr().err
+
+
+def _load_bench_startup() -> ModuleType:
+    """scripts/ is not a package, so the script is loaded from its file."""
+    spec = importlib.util.spec_from_file_location("bench_startup", BENCH_STARTUP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_startup_measures_floor_cold_and_warm_and_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench_startup.json"
+    tiny = ["num_agents=3", "train.local_steps=1", "logger.progress=false", "logger.report=false"]
+    returned = _load_bench_startup().main(["--repeats=1", f"--out={out}", *tiny])
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned))
+    assert set(report) == {"overrides", "repeats", "machine", "load_avg_1_5_15", "head_start_s", "targets", "results"}
+    assert report["overrides"] == ["rounds=1", *tiny]
+    assert {"cpu_count", "platform", "python", "torch", "ray"} <= set(report["machine"])
+    assert list(report["results"]) == ["floor", "cold", "warm"]
+    for kind, result in report["results"].items():
+        assert {"median_s", "min_s", "max_s", "samples"} <= set(result), kind
+        assert len(result["samples"]) == 1
+    for kind in ("cold", "warm"):
+        assert report["results"][kind]["vs_floor"] is not None
+        (run,) = report["results"][kind]["samples"]
+        assert {"wall_s", "load_1min_before", "wall_time_s", "setup_time_s", "report_written"} <= set(run)
+        assert run["report_written"] is False  # logger.report=false
+    assert report["head_start_s"] is not None
