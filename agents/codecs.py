@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sim.errors import ConfigError
-from sim.registry import Registry
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
 
 Payload = Mapping[str, np.ndarray]  # array name -> [heads, P, *] array
 

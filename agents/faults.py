@@ -1,4 +1,4 @@
-"""Fault points of a worker process: where an injected fault kills it (a test tool; sim/faults.py arms them).
+"""Fault points of a worker process: where an injected fault kills it (a test tool; sim/backends/faults.py arms them).
 
 Pure Python (no Ray, no torch), so the driver can check `runtime.faults` without importing Ray.
 """

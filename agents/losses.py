@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sim.registry import Registry
+from sim.core.registry import Registry
 
 
 @dataclass(frozen=True)

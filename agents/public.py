@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.seeding import derive_rng
+from sim.core.seeding import derive_rng
 
 
 def public_batch_indices(seed: int, batch_id: int, public_size: int, batch_size: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from agents.group import AgentGroup, Bundle
 from agents.losses import EMBEDDING_TERM, mhd_terms, weighted_total
 from agents.messages import EvalCounts, Prediction, check_metrics
 from agents.model import ModelConfig, MultiHeadModel
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 Stacked = dict[str, Tensor]  # parameter name -> [A, *shape]: one slice per agent
 

@@ -4,7 +4,7 @@ MHD agents send each other only `Prediction`s on public data (agents/messages.py
 weight-sharing baselines, `method=fedavg` and `method=gossip`, exist so that MHD can be
 compared with them, and they send what MHD never does: a model's weights. `WeightShare` is
 the only type that carries weights out of an agent, this module the only code that builds one,
-and only those two methods' exchange steps (sim/exchange.py) ask for it;
+and only those two methods' exchange steps (sim/run/exchange.py) ask for it;
 tests/test_privacy.py checks that no other method ever builds one.
 
 What a share holds: every floating-point tensor of the model's state dict, i.e. the parameters
@@ -37,7 +37,7 @@ INITIAL_ROUND = -1
 
 Mixing = Mapping[int, tuple[tuple[int, float], ...]]
 """Gossip weights: agent id -> ((sender id, weight), ...) in sender order, the agent itself
-included; each row sums to 1 (sim/mixing.py builds them from the graph)."""
+included; each row sums to 1 (sim/experiment/mixing.py builds them from the graph)."""
 
 
 @dataclass(frozen=True)

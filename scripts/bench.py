@@ -58,11 +58,11 @@ from omegaconf import DictConfig
 from agents.agent import Agent
 from agents.messages import Prediction
 from sim.backends import create_backend
-from sim.errors import ConfigError
-from sim.experiment import Experiment, build_experiment
-from sim.placement import execution_config
-from sim.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
-from sim.simulation import group_plans
+from sim.backends.ray.placement import execution_config
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import Experiment, build_experiment
+from sim.run.loop import group_plans
+from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
 
 MODES = ("raw", "serial", "ray", "ray_one_per_actor")
 RAY_MODES = ("ray", "ray_one_per_actor")
@@ -137,7 +137,7 @@ class RawLoop:
 
 
 class BackendLoop:
-    """The simulator's own path: create_backend, group_plans and Backend.start, as `sim.run` does."""
+    """The simulator's own path: create_backend, group_plans and Backend.start, as `sim.run.main` does."""
 
     def __init__(self, experiment: Experiment) -> None:
         self.backend, groups = create_backend(experiment)

@@ -20,9 +20,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from sim.backends import create_backend
-from sim.checkpoint import CheckpointStore, LoopState
-from sim.experiment import build_experiment
-from sim.simulation import group_plans
+from sim.experiment.assembly import build_experiment
+from sim.run.checkpoint import CheckpointStore, LoopState
+from sim.run.loop import group_plans
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ interleaved (A B C D A B C D ...) and each number is the median over --repeats:
                 flwr[simulation] pins its own Ray, so it usually lives in another virtualenv: pass that
                 venv's Python as --flower-python. Without flwr there, Flower is reported "not installed".
     raw         a plain PyTorch loop in one process, no framework, --raw-threads torch threads (1): the floor
-    mhd_fedavg  `mhd-sim method=fedavg` from the shell (the console script of this Python's venv)
+    mhd_fedavg  `mhd-sim method=fedavg`: the console script's entry point run by this Python, from the
+                checkout as installed or, with --mhd-sim-rev REV, from `git archive REV` (one known commit
+                while others edit the checkout)
     mhd_mhd     `mhd-sim method=mhd`: prediction sharing on a ring instead of weight averaging
 
 The workload (per --ks entry; the K=8/32 and K=200 settings are in SETTINGS):
@@ -20,8 +22,9 @@ The workload (per --ks entry; the K=8/32 and K=200 settings are in SETTINGS):
     Gaussian images (1x8x8, 10 classes: mhd-sim's `data=synthetic` sizes), an i.i.d. split;
     R rounds; per round and client: E SGD steps (lr 0.05, momentum 0.9, weight decay 5e-4) on
     batches of B private samples, then one logits pass on the round's public batch (128 of 1,000
-    public samples), then the server's shard-size-weighted average of the weights; after the last
-    round every client evaluates its model on the 1,000 test images (mhd-sim always does this).
+    public samples; 16 at K = 200), then the server's shard-size-weighted average of the weights;
+    after the last round every client evaluates its model on the test set (1,000 images; 200 at
+    K = 200): mhd-sim always evaluates every agent after the last round.
     The model is mhd-sim's `small_cnn` with one head (conv3x3 32, conv3x3 64, 2x2 max pools,
     global average pool, Linear 64->128, Linear 128->10: 28,426 parameters) in every system.
 Where the systems cannot do exactly that, WORKLOAD_DIFFERENCES (also in the JSON) says how they differ.
@@ -32,8 +35,9 @@ Measured per process:
     peak PSS    the highest sum, over the process and everything it started (children, Ray's GCS,
                 raylet and workers, found by an environment tag they inherit), of each process's
                 proportional set size (/proc/PID/smaps_rollup), sampled every --sample-interval s.
-                PSS counts a page shared by N processes 1/N in each, so the sum counts shared
-                libraries and Ray's object store once.
+                PSS counts a page shared by N processes 1/N in each, so pages shared inside the tree
+                (libraries, Ray's object store) count once, and pages shared with processes outside
+                it (another job's torch) only in part.
 Ratios: mhd-sim's median over Flower's and over raw's. The targets (issue "speed a user feels"):
 mhd-sim's wall time <= 0.8x Flower's at K = 8 and 32, <= 0.33x at K = 200.
 Prints a table and writes JSON (--out). Never asserts on time.
@@ -48,6 +52,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -75,7 +80,7 @@ WALL_TARGETS = {8: 0.8, 32: 0.8, 200: 0.33}
 
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """Set to "0" for Flower's process: its local Ray binds to 127.0.0.1, as mhd-sim's does
-(sim/backends/ray_backend.py), so all traffic stays on loopback."""
+(sim/backends/ray/backend.py), so all traffic stays on loopback."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +144,8 @@ dominate. Any other K uses the normal setting."""
 
 WORKLOAD_DIFFERENCES = [
     "mhd_fedavg does no logits pass on the public batch: mhd-sim's fedavg exchanges weights only "
-    "(sim/exchange.py publishes predictions for prediction-sharing methods); Flower and raw do the pass "
-    "(128 images per client per round, small next to E steps of B)",
+    "(sim/run/exchange.py publishes predictions for prediction-sharing methods); Flower and raw do the pass "
+    "(128 images per client per round, 16 at K = 200)",
     "mhd_mhd shares predictions, not weights: each step trains on B private plus B public samples "
     "(train.distill_batch_size=B, distilling from the ring neighbours' and its own previous logits), the "
     "logits pass runs in every round but the last, no weights are averaged; model.aux_heads=0 keeps the "
@@ -597,13 +602,18 @@ class TreeSampler(threading.Thread):
 def measure_process(
     command: list[str], env: dict[str, str], log_path: Path, interval: float, timeout: float
 ) -> dict[str, Any]:
-    """Runs `command`, timing it from start to exit and sampling its process tree's PSS."""
+    """Runs `command` in the log's directory, timing it from start to exit and sampling its process tree's PSS.
+
+    Not in this checkout: `python -c` would import the checkout's packages from its working directory.
+    """
     tag = uuid.uuid4().hex
     env = {**env, TAG_VARIABLE: tag}
     load_before = os.getloadavg()
     with log_path.open("w") as log:
         tick = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sampler = TreeSampler(process.pid, tag, interval)
         sampler.start()
         try:
@@ -647,10 +657,37 @@ def _reap(sampler: TreeSampler, process: subprocess.Popen[bytes]) -> tuple[list[
 # ---- the systems -------------------------------------------------------------------------------------
 
 
-def mhd_sim_command(system: str, workload: Workload, run_dir: Path) -> list[str]:
-    """`mhd-sim` with the workload as overrides; the console script of the venv this script runs in."""
-    script = Path(sys.executable).with_name("mhd-sim")
-    launcher = [str(script)] if script.exists() else [sys.executable, "-c", "from sim.cli import main; main()"]
+def mhd_sim_source(rev: str | None, scratch: Path) -> dict[str, Any]:
+    """Where mhd-sim runs from: this checkout as installed, or `git archive REV` unpacked into `scratch`.
+
+    A snapshot keeps the measurement on one known commit while others edit the checkout.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    if rev is None:
+        return {"source": "working tree", "root": str(repo), "pythonpath": None}
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    root = scratch / f"mhd-sim-{sha[:12]}"
+    root.mkdir()
+    archive = subprocess.Popen(["git", "-C", str(repo), "archive", sha], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(root)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise RuntimeError(f"git archive {sha} failed")
+    return {"source": f"git archive {sha}", "commit": sha, "root": str(root), "pythonpath": str(root)}
+
+
+def mhd_sim_command(system: str, workload: Workload, run_dir: Path, source: dict[str, Any]) -> list[str]:
+    """`mhd-sim` with the workload as overrides: the console script's entry point, run by this Python."""
+    pyproject = (Path(source["root"]) / "pyproject.toml").read_text()
+    entry = re.search(r'^mhd-sim\s*=\s*"([\w.]+):(\w+)"', pyproject, re.MULTILINE)  # [project.scripts]
+    if entry is None:
+        raise RuntimeError(f"no mhd-sim entry point in {source['root']}/pyproject.toml")
+    module, function = entry.groups()
+    launcher = [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
     overrides = [
         f"method={system.removeprefix('mhd_')}",
         "data=synthetic",
@@ -716,7 +753,9 @@ def run_system(system: str, workload: Workload, args: argparse.Namespace, scratc
     result_path = scratch / f"{label}.result.json"
     run_dir = scratch / label
     if system in MHD_SYSTEMS:
-        command = mhd_sim_command(system, workload, run_dir)
+        command = mhd_sim_command(system, workload, run_dir, args.mhd_sim)
+        if args.mhd_sim["pythonpath"]:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.mhd_sim["pythonpath"], env.get("PYTHONPATH")]))
     elif system == "flower":
         command = worker_command(args.flower_python, system, workload, result_path, args.raw_threads)
         env.update({"FLWR_TELEMETRY_ENABLED": "0", LOOPBACK_SWITCH: "0"})
@@ -845,7 +884,7 @@ def print_table(report: dict[str, Any]) -> None:
                 f"     target wall <= {verdict['wall_vs_flower_at_most']}x Flower: "
                 f"mhd_fedavg {verdict['mhd_fedavg']}, mhd_mhd {verdict['mhd_mhd']}"
             )
-    if report["flower"]["status"] != "ok":
+    if report["flower"]["status"] == "not installed":
         print(f"note: Flower not installed for {report['flower']['python']}: {report['flower'].get('reason')}")
 
 
@@ -914,6 +953,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="torch threads of the raw loop (1: on a shared, oversubscribed machine 2 threads ran it ~20x slower)",
     )
+    parser.add_argument(
+        "--mhd-sim-rev",
+        default=None,
+        help="run mhd-sim from `git archive REV` of this repository (default: the checkout as installed)",
+    )
     parser.add_argument("--wait-load", type=float, default=None, help="wait until the 1-minute load is <= this")
     parser.add_argument("--wait-max-s", type=float, default=2400, help="longest wait for --wait-load (2400)")
     for name in ("local-steps", "batch-size", "samples-per-client", "rounds", "num-test", "public-size",
@@ -950,6 +994,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load = wait_for_load(args.wait_load, args.wait_max_s)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as scratch:
+        args.mhd_sim = mhd_sim_source(args.mhd_sim_rev, Path(scratch))
         for k, repeat, system in schedule(args.ks, args.systems, args.repeats):
             if system == "flower" and flower["status"] != "ok":
                 continue
@@ -960,6 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = {
         "command": ["python", "scripts/bench_peers.py", *(sys.argv[1:] if argv is None else argv)],
         "machine": machine_facts(),
+        "mhd_sim": {key: value for key, value in args.mhd_sim.items() if key in ("source", "commit")},
         "load": {**load, "load_at_end": list(os.getloadavg())},
         "repeats": args.repeats,
         "raw_threads": args.raw_threads,
@@ -973,8 +1019,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": summarise(runs, args.systems, flower),
         "runs": runs,
     }
-    print_table(report)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
     return report
 
 

@@ -37,8 +37,8 @@ from agents.agent import ExecutionConfig
 from agents.group import AgentGroup
 from agents.messages import Prediction
 from agents.vectorized import VectorizedAgentGroup
-from sim.experiment import Experiment, build_experiment
-from sim.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
+from sim.experiment.assembly import Experiment, build_experiment
+from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
 
 PRESETS = {
     "small_cnn_digits": ["backbone=small_cnn", "data=digits"],

@@ -8,7 +8,7 @@ import numpy as np
 
 from agents.agent import Agent
 from agents.messages import Prediction
-from sim.experiment import build_experiment
+from sim.experiment.assembly import build_experiment
 from tests.conftest import PLAIN_CPU as PLAIN
 from tests.conftest import TINY, make_config
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.aggregate import compare, main, swept_keys
-from sim.errors import ConfigError
-from sim.run import run
-from sim.rundir import natural_key
+from sim.core.errors import ConfigError
+from sim.reporting.aggregate import compare, main, swept_keys
+from sim.reporting.rundir import natural_key
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 # A 2 x 2 sweep laid out as Hydra's basic launcher does: SWEEP/<job number>/.

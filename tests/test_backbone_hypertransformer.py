@@ -16,9 +16,9 @@ import torch
 from agents.agent import Agent
 from agents.backbones import build_backbone
 from agents.backbones.hypertransformer import GeneratedConv, HyperTransformer, TrainedConv
-from sim.errors import ConfigError
-from sim.experiment import build_experiment
-from sim.metrics import agent_accuracies
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import build_experiment
+from sim.reporting.metrics import agent_accuracies
 from tests.conftest import PLAIN_CPU, TINY, make_config
 from tests.test_backbones import INPUT_SHAPES, yaml_params
 

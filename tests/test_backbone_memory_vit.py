@@ -14,7 +14,7 @@ import torch
 from agents.backbones import build_backbone
 from agents.backbones.memory_vit import Block, MemoryViT, adapter_mask, merge_adapters
 from agents.model import ModelConfig, MultiHeadModel
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from tests.test_backbones import images, yaml_params
 
 SHAPE = (1, 8, 8)  # digits, 2x2 patches of 4x4: the cheapest input

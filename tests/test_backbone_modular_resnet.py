@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from agents.backbones import build_backbone
 from agents.backbones.modular_resnet import ModularResNet
 from agents.model import ModelConfig, MultiHeadModel
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from tests.test_backbones import images, yaml_params
 
 SHAPE = (1, 8, 8)  # digits: no stem pooling, the cheapest map

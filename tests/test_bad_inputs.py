@@ -1,6 +1,6 @@
 """Every bad input is one line naming the key and the value, exit code 2, and no work done.
 
-Most cases run in-process through the CLI's own path (preflight, then sim.run.run, inside
+Most cases run in-process through the CLI's own path (preflight, then sim.run.main.run, inside
 `bad_input_exits`); a handful run the real `mhd-sim` in a subprocess.
 """
 
@@ -16,12 +16,12 @@ from typing import NoReturn
 import pytest
 import torch
 
-import sim.placement
-import sim.run
-from sim.cli import EXIT_BAD_INPUT, bad_input_exits
+import sim.backends.ray.placement
+import sim.run.main
+from sim.core.errors import ConfigError
 from sim.data import idx
-from sim.errors import ConfigError
-from sim.preflight import preflight
+from sim.run.cli import EXIT_BAD_INPUT, bad_input_exits
+from sim.run.preflight import preflight
 from tests.conftest import TINY, make_config
 
 MHD_SIM = str(Path(sys.executable).with_name("mhd-sim"))
@@ -159,12 +159,12 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sim.run, "create_backend", forbidden)  # no actor, no agent, no training
+    monkeypatch.setattr(sim.run.main, "create_backend", forbidden)  # no actor, no agent, no training
     run_dir = workspace / "run"
     args = [*TINY, "runtime.backend=serial", *(o.replace("TMP", str(workspace)) for o in overrides)]
     with pytest.raises(SystemExit) as exited, bad_input_exits(debug=False):
         preflight(args)
-        sim.run.run(make_config(*args), run_dir)
+        sim.run.main.run(make_config(*args), run_dir)
     assert exited.value.code == EXIT_BAD_INPUT
     stderr = capsys.readouterr().err
     assert_one_line_naming(stderr, key, value)
@@ -250,10 +250,10 @@ def test_a_population_that_cannot_fit_in_memory_is_refused_at_once(
     overrides: list[str], need: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Against a machine of 16 GiB, whatever this one has."""
-    monkeypatch.setattr(sim.placement, "machine_memory_bytes", lambda: 16 * 2**30)
-    monkeypatch.setattr(sim.run, "create_backend", forbidden)
+    monkeypatch.setattr(sim.backends.ray.placement, "machine_memory_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(sim.run.main, "create_backend", forbidden)
     with pytest.raises(SystemExit) as exited, bad_input_exits(debug=False):
-        sim.run.run(make_config(*TINY, "runtime.backend=serial", *overrides), Path("unused"))
+        sim.run.main.run(make_config(*TINY, "runtime.backend=serial", *overrides), Path("unused"))
     assert exited.value.code == EXIT_BAD_INPUT
     stderr = capsys.readouterr().err
     assert_one_line_naming(stderr, "num_agents", overrides[-1].split("=")[1])

@@ -72,7 +72,7 @@ def test_bench_peers_runs_raw_and_mhd_sim_and_reports_flower_missing(tmp_path: P
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
     assert set(report) == {
-        "command", "machine", "load", "repeats", "raw_threads", "flower", "settings", "targets",
+        "command", "machine", "mhd_sim", "load", "repeats", "raw_threads", "flower", "settings", "targets",
         "workload_differences", "results", "runs",
     }  # fmt: skip
     assert report["targets"] == {"8": 0.8, "32": 0.8, "200": 0.33}

@@ -32,7 +32,7 @@ import pytest
 import ray
 import yaml
 
-from sim.cluster import (
+from sim.backends.ray.cluster import (
     SHIPPED_PACKAGES,
     DataSource,
     NodeDataError,
@@ -42,9 +42,9 @@ from sim.cluster import (
     shards_read_on_node,
     shipped_code,
 )
-from sim.errors import ConfigError
-from sim.experiment import build_experiment, runtime_config
-from sim.run import run
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import build_experiment, runtime_config
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_node_data_errors_survive_pickling() -> None:
 def test_a_node_data_error_stops_the_run_before_any_round(ray_session: None) -> None:
     """Through real actors: the node's error reaches the driver as the one-line ConfigError."""
     from sim.backends import create_backend
-    from sim.simulation import group_plans
+    from sim.run.loop import group_plans
 
     experiment = build_experiment(make_config(*TINY, "runtime.shard_source=node", "runtime.agents_per_actor=4"))
     rows = {agent: agent_rows[::-1] for agent, agent_rows in experiment.private.rows.items()}  # other samples
@@ -357,7 +357,9 @@ def test_a_two_node_cluster_runs_agents_on_both_nodes_with_single_node_results(
     where = summary["runtime"]
     assert sorted(where["node_ips"]) == [HEAD_IP, WORKER_IP]  # one actor on each node
     assert (where["placement_strategy"], where["shard_source"]) == ("SPREAD", "node")
-    shipped = list(loopback_cluster.temp_dir.glob("session_*/runtime_resources/py_modules_files/*/sim/cluster.py"))
+    shipped = list(
+        loopback_cluster.temp_dir.glob("session_*/runtime_resources/py_modules_files/*/sim/backends/ray/cluster.py")
+    )
     assert shipped, "the job's code was not shipped through runtime_env"
 
     single = run(make_config(*TINY, "runtime.backend=serial"), tmp_path / "single")

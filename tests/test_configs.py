@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sim.experiment import check_config
-from sim.loggers import LOGGERS
-from sim.methods import METHODS
+from sim.experiment.assembly import check_config
+from sim.experiment.methods import METHODS
+from sim.reporting.loggers import LOGGERS
 from tests.conftest import make_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sim.convergence import ConvergenceRule, convergence
-from sim.run import run
+from sim.experiment.convergence import ConvergenceRule, convergence
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 RULE = ConvergenceRule(window=0.2, min_gain=0.02)

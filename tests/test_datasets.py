@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from sim.core.errors import ConfigError
 from sim.data import cifar, idx
 from sim.data.builtin import read_bundled_digits
-from sim.datasets import (
+from sim.data.datasets import (
     DATASETS,
     ArrayDataset,
     dataset_md5_check,
     load_dataset,
     split_public_private,
 )
-from sim.errors import ConfigError
-from sim.partition import PARTITIONERS, partition
+from sim.data.partition import PARTITIONERS, partition
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CALLER_KEYS = {"name", "root", "public_size", "public_batch_size"}

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sim.run import run
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.experiment import evaluation_rows
-from sim.run import run
+from sim.experiment.assembly import evaluation_rows
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 RUN = [*TINY, "rounds=4", "eval_every=1", "runtime.backend=serial", "logger.report=false"]

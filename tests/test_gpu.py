@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from agents.agent import Agent, ExecutionConfig
-from sim.experiment import build_experiment
-from sim.run import run
+from sim.experiment.assembly import build_experiment
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 pytestmark = [

@@ -10,9 +10,9 @@ import torch
 
 from agents.agent import Agent
 from agents.model import ModelConfig, MultiHeadModel
-from sim.errors import ConfigError
-from sim.experiment import build_experiment
-from sim.run import run
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import build_experiment
+from sim.run.main import run
 from tests.conftest import PLAIN_CPU, TINY, make_config
 
 MIXED = ["backbone=mixed", "backbone.pattern=[small_cnn,resnet8]"]

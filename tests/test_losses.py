@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agents.losses import TEACHER_RULES, choose_teacher, distillation_kl
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 
 def _generator() -> torch.Generator:

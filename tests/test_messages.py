@@ -13,8 +13,8 @@ from agents.agent import Agent, ExecutionConfig
 from agents.codecs import MESSAGE_CODECS, PROBABILITY_FLOOR, CodecConfig
 from agents.losses import choose_teacher
 from agents.messages import EvalCounts, Prediction, check_metrics
-from sim.errors import ConfigError
-from sim.experiment import build_experiment
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import build_experiment
 from tests.conftest import TINY, make_config
 
 HEADS, BATCH, CLASSES, K = 4, 128, 10, 3

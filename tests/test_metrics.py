@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from agents.messages import EvalCounts
-from sim.metrics import agent_accuracies, head_summary, round_bytes
+from sim.reporting.metrics import agent_accuracies, head_summary, round_bytes
 
 
 def test_private_accuracy_reweights_to_the_agents_class_mix() -> None:

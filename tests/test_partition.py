@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from sim.errors import ConfigError
-from sim.partition import PARTITIONERS, class_count_matrix, partition
+from sim.core.errors import ConfigError
+from sim.data.partition import PARTITIONERS, class_count_matrix, partition
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "partition"
 NUM_CLASSES = 10

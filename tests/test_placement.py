@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from sim.cluster import ClusterConfig
-from sim.errors import ConfigError
-from sim.placement import Node, RuntimeConfig, plan_placement
+from sim.backends.ray.cluster import ClusterConfig
+from sim.backends.ray.placement import Node, RuntimeConfig, plan_placement
+from sim.core.errors import ConfigError
 
 
 def _runtime(**overrides: object) -> RuntimeConfig:

@@ -32,11 +32,11 @@ from agents.model import MultiHeadModel
 from agents.weight_sharing import WeightShare
 from sim.backends import create_backend
 from sim.backends.base import WorkerLostError
-from sim.checkpoint import CheckpointStore, LoopState
-from sim.experiment import build_experiment
-from sim.methods import METHODS
-from sim.run import run
-from sim.simulation import group_plans
+from sim.experiment.assembly import build_experiment
+from sim.experiment.methods import METHODS
+from sim.run.checkpoint import CheckpointStore, LoopState
+from sim.run.loop import group_plans
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from sim.backends import create_backend
-from sim.checkpoint import CheckpointStore
-from sim.errors import ConfigError
-from sim.experiment import build_experiment
-from sim.interrupt import RunInterrupted
-from sim.loggers import Sink
-from sim.run import run
-from sim.simulation import CheckpointPolicy, group_plans, run_rounds
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import build_experiment
+from sim.reporting.loggers import Sink
+from sim.run.checkpoint import CheckpointStore
+from sim.run.interrupt import RunInterrupted
+from sim.run.loop import CheckpointPolicy, group_plans, run_rounds
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.slow

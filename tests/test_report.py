@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from sim.errors import ConfigError
-from sim.loggers import JsonlSink
-from sim.report import RUN_FIGURES, main
-from sim.run import check_names, run
+from sim.core.errors import ConfigError
+from sim.reporting.loggers import JsonlSink
+from sim.reporting.report import RUN_FIGURES, main
+from sim.run.main import check_names, run
 from tests.conftest import TINY, make_config
 
 MHD_SIM_REPORT = str(Path(sys.executable).with_name("mhd-sim-report"))

@@ -11,8 +11,8 @@ from types import ModuleType
 
 import pytest
 
-import sim.report
-from sim.run import run
+import sim.reporting.report
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ BENCH_STARTUP = ROOT / "scripts" / "bench_startup.py"
 DRIVER_IMPORTS = """
 import json, sys
 from tests.conftest import make_config
-from sim.experiment import build_experiment, check_config
-import sim.cli
+from sim.experiment.assembly import build_experiment, check_config
+import sim.run.cli
 cfg = make_config()
 check_config(cfg)
 build_experiment(cfg)
@@ -47,7 +47,7 @@ def test_a_report_that_fails_is_one_line_and_the_run_stays_completed(
     def broken(run_dir: Path) -> Path:
         raise RuntimeError("no fonts here")
 
-    monkeypatch.setattr(sim.report, "write_run_report", broken)
+    monkeypatch.setattr(sim.reporting.report, "write_run_report", broken)
     run_dir = tmp_path / "run"
     summary = run(make_config(*TINY, "rounds=1", "eval_every=1", "runtime.backend=serial"), run_dir)
     assert summary["status"] == "completed"

@@ -10,7 +10,7 @@ import networkx as nx
 import pytest
 from omegaconf import OmegaConf
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from topologies import (
     TOPOLOGIES,
     build_topology,

@@ -14,9 +14,9 @@ from agents.agent import AgentSpec, ExecutionConfig
 from agents.group import AgentGroup, agent_state_file
 from agents.messages import EvalCounts, Prediction
 from agents.vectorized import VectorizedAgentGroup
-from sim.errors import ConfigError
-from sim.experiment import Experiment, build_experiment
-from sim.run import run
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import Experiment, build_experiment
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 EXECUTION = ExecutionConfig(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sim.run import run
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 MHD_SIM = str(Path(sys.executable).with_name("mhd-sim"))

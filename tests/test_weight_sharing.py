@@ -19,16 +19,16 @@ from omegaconf import OmegaConf
 from agents.model import MultiHeadModel
 from sim.backends import create_backend
 from sim.backends.serial import SerialBackend
-from sim.checkpoint import CheckpointStore
-from sim.errors import ConfigError
-from sim.exchange import EXCHANGES, build_exchange
-from sim.experiment import Experiment, build_experiment, check_config
-from sim.interrupt import RunInterrupted
-from sim.loggers import Sink
-from sim.methods import METHODS
-from sim.mixing import metropolis_hastings, uniform
-from sim.run import run
-from sim.simulation import CheckpointPolicy, group_plans, run_rounds
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import Experiment, build_experiment, check_config
+from sim.experiment.methods import METHODS
+from sim.experiment.mixing import metropolis_hastings, uniform
+from sim.reporting.loggers import Sink
+from sim.run.checkpoint import CheckpointStore
+from sim.run.exchange import EXCHANGES, build_exchange
+from sim.run.interrupt import RunInterrupted
+from sim.run.loop import CheckpointPolicy, group_plans, run_rounds
+from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 QUIET = [*TINY, "logger.report=false"]

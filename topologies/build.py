@@ -8,8 +8,8 @@ from typing import Any
 
 import networkx as nx
 
-from sim.errors import ConfigError
-from sim.seeding import derive_seed
+from sim.core.errors import ConfigError
+from sim.core.seeding import derive_seed
 from topologies.params import check_bool, config_key
 from topologies.registry import TOPOLOGIES, TopologyBuilder
 from topologies.validate import validate_graph

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from topologies.params import config_key
 
 _HEADER = "# u v: agent v receives agent u's predictions; a lone u is an agent without edges\n"

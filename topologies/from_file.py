@@ -7,7 +7,7 @@ from xml.etree.ElementTree import ParseError
 
 import networkx as nx
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from topologies.edges import read_edge_list
 from topologies.params import config_key
 from topologies.registry import TOPOLOGIES

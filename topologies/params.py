@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 
 def config_key(param: str) -> str:

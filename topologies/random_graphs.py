@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from topologies.params import check_int, check_probability, config_key
 from topologies.registry import TOPOLOGIES, both_directions
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import networkx as nx
 
-from sim.registry import Registry
+from sim.core.registry import Registry
 
 TopologyBuilder = Callable[..., "nx.DiGraph[int]"]
 """`build(num_agents: int, seed: int, **params) -> nx.DiGraph` on nodes 0..num_agents-1."""

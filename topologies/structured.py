@@ -11,7 +11,7 @@ from math import isqrt
 
 import networkx as nx
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from topologies.params import check_bool, check_int, config_key
 from topologies.registry import TOPOLOGIES, both_directions
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.backbones.registry import BACKBONES, MIN_DOWNSAMPLE_SIZE, Backbone, positive_ints
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 GENERATE = ("all", "last")  # which conv layers the transformer writes; the rest are trained convs
 KERNEL = 3

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.backbones.registry import BACKBONES, Backbone, positive_ints
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 MODES = ("full", "memory")
 BASE_SEED = 0  # memory mode without a checkpoint: the one random base every agent shares

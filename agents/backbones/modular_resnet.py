@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from agents.backbones.registry import BACKBONES, Backbone, positive_ints
 from agents.backbones.resnet import MAX_GROUPS, conv3x3
-from sim.errors import ConfigError
-from sim.registry import Registry
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
 
 # A norm over `paths` stacked copies of `width` channels that never mixes statistics across copies.
 PATH_NORMS: Registry[Callable[[int, int], nn.Module]] = Registry("backbone.norm")

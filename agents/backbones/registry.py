@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from sim.errors import ConfigError
-from sim.registry import Registry
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
 
 # Halving a 4x4 map leaves 2x2, the smallest map that still has spatial structure; smaller
 # maps (e.g. from 8x8 sklearn digits) skip the downsampling instead of pooling to nothing.

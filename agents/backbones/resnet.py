@@ -20,8 +20,8 @@ from agents.backbones.registry import (
     Backbone,
     positive_ints,
 )
-from sim.errors import ConfigError
-from sim.registry import Registry
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
 
 NORMS: Registry[Callable[[int], nn.Module]] = Registry("backbone.norm")
 

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from sim.backends.base import Backend, GroupPlan
+from sim.backends.base import Backend, GroupPlan, Workload
+from sim.backends.ray.placement import execution_config
 from sim.backends.serial import SerialBackend
-from sim.placement import execution_config
-from sim.registry import Registry
+from sim.core.registry import Registry
 
-if TYPE_CHECKING:
-    from sim.experiment import Experiment
-
-BackendFactory = Callable[["Experiment"], tuple[Backend, list[list[int]]]]
+BackendFactory = Callable[[Workload], tuple[Backend, list[list[int]]]]
 BACKENDS: Registry[BackendFactory] = Registry("runtime.backend")
 
 __all__ = ["BACKENDS", "Backend", "GroupPlan", "create_backend"]
 
 
 @BACKENDS.register("serial")
-def serial(experiment: Experiment) -> tuple[Backend, list[list[int]]]:
+def serial(experiment: Workload) -> tuple[Backend, list[list[int]]]:
     """Every agent in the driver process, as one group, using all cores for intra-op threads."""
     runtime = experiment.runtime
     threads = runtime.torch_threads or os.cpu_count() or 1
@@ -29,13 +25,13 @@ def serial(experiment: Experiment) -> tuple[Backend, list[list[int]]]:
 
 
 @BACKENDS.register("ray")
-def ray_actors(experiment: Experiment) -> tuple[Backend, list[list[int]]]:
+def ray_actors(experiment: Workload) -> tuple[Backend, list[list[int]]]:
     """Groups of agents in Ray actors, planned against the nodes of the cluster (Ray imported only here)."""
-    from sim.backends.ray_backend import create_ray_backend
+    from sim.backends.ray.backend import create_ray_backend
 
     return create_ray_backend(experiment)
 
 
-def create_backend(experiment: Experiment) -> tuple[Backend, list[list[int]]]:
+def create_backend(experiment: Workload) -> tuple[Backend, list[list[int]]]:
     """The backend `experiment.runtime.backend` names, and the agent ids of each of its groups."""
     return BACKENDS.get(experiment.runtime.backend)(experiment)

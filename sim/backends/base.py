@@ -1,6 +1,6 @@
 """The engine boundary: the round loop talks only to this small interface.
 
-Ray appears only in `ray_backend.py`; the serial backend runs the very same AgentGroup code in
+Ray appears only in `ray/backend.py`; the serial backend runs the very same AgentGroup code in
 the driver process (debugging, unit tests, the raw baseline of benchmarks).
 """
 
@@ -10,10 +10,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
+
+if TYPE_CHECKING:
+    from sim.backends.ray.cluster import PrivateData
+    from sim.backends.ray.placement import RuntimeConfig
 
 
 class WorkerLostError(RuntimeError):
@@ -26,6 +31,26 @@ class RecoveryFailedError(RuntimeError):
     The run stops with its checkpoints kept, so `resume=RUN_DIR` continues it once the cause
     (for example too few `runtime.max_actor_restarts`, or a node without the data) is fixed.
     """
+
+
+class Workload(Protocol):
+    """What a backend needs of an experiment to place and start it.
+
+    `sim.experiment.assembly.Experiment` is one; the backends name this protocol instead, so
+    they sit below the experiment layer (docs/design.md#layers).
+    """
+
+    @property
+    def runtime(self) -> RuntimeConfig: ...
+
+    @property
+    def num_agents(self) -> int: ...
+
+    @property
+    def specs(self) -> list[AgentSpec]: ...
+
+    @property
+    def private(self) -> PrivateData: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +117,7 @@ class Backend(ABC):
         return 0
 
     def arm_fault(self, worker: int, point: str) -> None:
-        """Fault injection (a test tool, sim/faults.py): worker `worker` dies at `point` of its next such call."""
+        """Fault injection (sim/backends/faults.py): worker `worker` dies at `point` of its next such call."""
         raise NotImplementedError(f"{type(self).__name__} has no worker processes to kill")
 
     @abstractmethod

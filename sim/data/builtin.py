@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.core.seeding import derive_rng
 from sim.data.core import DATASETS, ArrayDataset, DatasetSplits, standardised_splits, stratified_rows, unit_scaled
 from sim.data.options import require
-from sim.seeding import derive_rng
 
 DIGITS_CLASSES = 10
 DIGITS_MAX_PIXEL = 16.0

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from sim.core.errors import ConfigError
 from sim.data.core import DATASETS, ArrayDataset, DatasetSplits, standardised_splits, unit_scaled
 from sim.data.files import verified_folder
 from sim.data.options import require
-from sim.errors import ConfigError
 
 CIFAR_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.registry import Registry
+from sim.core.registry import Registry
 
 
 @dataclass(frozen=True)

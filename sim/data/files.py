@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 MD5_CHUNK_BYTES = 1 << 20
 """Files are hashed in 1 MiB chunks so that a large archive is never held in memory just to be checked."""

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.core.errors import ConfigError
 from sim.data.core import DATASETS, ArrayDataset, DatasetSplits, standardised_splits, unit_scaled
 from sim.data.files import verified_folder
-from sim.errors import ConfigError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 
 def check_options(group: str, name: str, consumer: Callable[..., object], options: Mapping[str, object]) -> None:

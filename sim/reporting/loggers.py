@@ -18,8 +18,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from sim.registry import Registry
-from sim.rundir import read_graph, read_partition
+from sim.core.registry import Registry
+from sim.reporting.rundir import read_graph, read_partition
 
 if TYPE_CHECKING:  # matplotlib (~1 s to import) only where a figure is drawn: wandb, the report
     from matplotlib.figure import Figure
@@ -150,7 +150,7 @@ class WandbSink(Sink):
     Runs of one sweep share a group (the sweep directory, or `logger.group`) and are named by
     their overrides; the job type is the method, so the UI can split MHD from baselines. Every
     chart is plotted against `round`, so a rollback's replayed rounds appear as extra points
-    rather than being dropped for going back in wandb's own step. Images come from sim/plots,
+    rather than being dropped for going back in wandb's own step. Images come from sim/reporting/plots,
     the same figures as report.html.
     """
 
@@ -164,7 +164,7 @@ class WandbSink(Sink):
     def start(self, config: dict[str, Any], total_rounds: int) -> None:
         import wandb  # imported here: runs without logger=wandb never pay for it
 
-        from sim import plots
+        from sim.reporting import plots
 
         sweep_group, job_name = hydra_job_names()
         self.run = wandb.init(
@@ -215,7 +215,7 @@ class WandbSink(Sink):
         self._flush()  # what is logged stays logged: wandb cannot un-log
 
     def finish(self, summary: dict[str, Any]) -> None:
-        from sim import plots
+        from sim.reporting import plots
 
         self._flush()
         final = summary["final"]
@@ -295,7 +295,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _image(figure: Figure) -> Any:
     import wandb
 
-    from sim import plots
+    from sim.reporting import plots
 
     return wandb.Image(plots.pixels(figure))
 

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agents.faults import FAULT_POINTS
-from sim.errors import ConfigError
-from sim.seeding import derive_rng
-from sim.validation import non_negative_int
+from sim.core.errors import ConfigError
+from sim.core.seeding import derive_rng
+from sim.core.validation import non_negative_int
 
 if TYPE_CHECKING:
     from sim.backends.base import Backend

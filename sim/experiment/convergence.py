@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sim.errors import ConfigError
-from sim.validation import positive_number
+from sim.core.errors import ConfigError
+from sim.core.validation import positive_number
 
 METRICS = ("shared_acc", "private_acc")
 

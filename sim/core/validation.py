@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 
 def _is_int(value: Any) -> bool:

@@ -21,10 +21,18 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from sim import plots
-from sim.aggregate import Comparison, compare, describe_skipped, one_line_errors, parser, table, write_comparison
-from sim.errors import ConfigError
-from sim.rundir import Run, is_run_dir, load_run
+from sim.core.errors import ConfigError
+from sim.reporting import plots
+from sim.reporting.aggregate import (
+    Comparison,
+    compare,
+    describe_skipped,
+    one_line_errors,
+    parser,
+    table,
+    write_comparison,
+)
+from sim.reporting.rundir import Run, is_run_dir, load_run
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
+from sim.core.seeding import derive_rng
 from sim.data.options import check_options, require
-from sim.errors import ConfigError
-from sim.registry import Registry
-from sim.seeding import derive_rng
 
 Partitioner = Callable[..., list[np.ndarray]]
 PARTITIONERS: Registry[Partitioner] = Registry("partition")

@@ -4,7 +4,7 @@
        restore them from a checkpoint, else start the method's exchange (the weight-sharing
        baselines' common initial weights) and write the round-0 checkpoint
     2. for each round: train + publish on the backend, then the method's exchange step
-       (sim/exchange.py: count the routed predictions, or average weights); record losses,
+       (sim/run/exchange.py: count the routed predictions, or average weights); record losses,
        bytes, time
     3. every eval_every rounds: evaluate on the evaluation subset of the test set; after the
        last round on the whole test set (the summary's numbers); compute per-head accuracy
@@ -31,14 +31,14 @@ from typing import Any
 from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
 from sim.backends.base import RecoveryFailedError, WorkerLostError
-from sim.checkpoint import Checkpoint, CheckpointStore, LoopState
-from sim.convergence import convergence, history_point
-from sim.exchange import Exchange, build_exchange
-from sim.experiment import Experiment
-from sim.faults import FaultSchedule
-from sim.interrupt import RunInterrupted, StopRequests
-from sim.loggers import Sink
-from sim.metrics import AgentHeadAccuracy, agent_accuracies, head_summary, mean_losses
+from sim.backends.faults import FaultSchedule
+from sim.experiment.assembly import Experiment
+from sim.experiment.convergence import convergence, history_point
+from sim.reporting.loggers import Sink
+from sim.reporting.metrics import AgentHeadAccuracy, agent_accuracies, head_summary, mean_losses
+from sim.run.checkpoint import Checkpoint, CheckpointStore, LoopState
+from sim.run.exchange import Exchange, build_exchange
+from sim.run.interrupt import RunInterrupted, StopRequests
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ indices and a digest, so private samples never cross the network, and a node who
 differ from the driver's stops the run by name instead of training on other data.
 
 Nothing here imports Ray: the driver uses it to validate a config before any cluster is
-contacted, and an actor uses it to read its shards (sim/backends/ray_backend.py).
+contacted, and an actor uses it to read its shards (sim/backends/ray/backend.py).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents.agent import AgentSpec
 from agents.backbones.registry import BACKBONES
-from sim.datasets import load_dataset, split_public_private
-from sim.errors import ConfigError
-from sim.registry import Registry
-from sim.validation import boolean, positive_number
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
+from sim.core.validation import boolean, positive_number
+from sim.data.datasets import load_dataset, split_public_private
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD")
 """Ray placement-group strategies offered: both fall back to any node with room, where the

@@ -23,24 +23,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from agents.agent import AgentSpec, PublicData, TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
 from agents.model import ModelConfig, MultiHeadModel
-from sim.cluster import DataSource, PrivateData, cluster_config
-from sim.convergence import ConvergenceRule, convergence_rule
-from sim.data.core import stratified_rows
-from sim.data.options import check_options
-from sim.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
-from sim.errors import ConfigError
-from sim.faults import parse_faults
-from sim.methods import METHODS, MethodPlan
-from sim.partition import PARTITIONERS, class_count_matrix, partition
-from sim.placement import (
+from sim.backends.faults import parse_faults
+from sim.backends.ray.cluster import DataSource, PrivateData, cluster_config
+from sim.backends.ray.placement import (
     MIN_AGENT_BYTES,
     RuntimeConfig,
     check_cluster_address,
     check_gpus_exist,
     check_population_fits,
 )
-from sim.seeding import derive_rng, derive_seed
-from sim.validation import (
+from sim.core.errors import ConfigError
+from sim.core.seeding import derive_rng, derive_seed
+from sim.core.validation import (
     boolean,
     int_between,
     non_negative_int,
@@ -49,6 +43,12 @@ from sim.validation import (
     positive_int,
     positive_number,
 )
+from sim.data.core import stratified_rows
+from sim.data.datasets import DATASETS, DatasetSplits, load_dataset, split_public_private
+from sim.data.options import check_options
+from sim.data.partition import PARTITIONERS, class_count_matrix, partition
+from sim.experiment.convergence import ConvergenceRule, convergence_rule
+from sim.experiment.methods import METHODS, MethodPlan
 from topologies import build_topology, in_neighbours
 
 MIXED_BACKBONES = "mixed"  # conf/backbone/mixed.yaml: per-agent backbones from a pattern

@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from agents.vectorized import check_vectorizable
 from sim.backends import BACKENDS, create_backend
 from sim.backends.base import RecoveryFailedError
-from sim.checkpoint import Checkpoint, CheckpointStore
-from sim.errors import ConfigError
-from sim.experiment import Experiment, build_experiment
-from sim.interrupt import RunInterrupted, resume_command
-from sim.loggers import LOGGERS, JsonlSink, Sink
-from sim.simulation import CheckpointPolicy, group_plans, run_rounds, write_json
-from sim.validation import non_negative_int, positive_int
+from sim.core.errors import ConfigError
+from sim.core.validation import non_negative_int, positive_int
+from sim.experiment.assembly import Experiment, build_experiment
+from sim.reporting.loggers import LOGGERS, JsonlSink, Sink
+from sim.run.checkpoint import Checkpoint, CheckpointStore
+from sim.run.interrupt import RunInterrupted, resume_command
+from sim.run.loop import CheckpointPolicy, group_plans, run_rounds, write_json
 
 WANDB_MODES = ("online", "offline", "disabled")
 RESUMABLE_GROUPS = ("runtime", "logger")  # may differ between a run and its resumption
@@ -97,7 +97,7 @@ def write_report(run_dir: Path) -> None:
     run without a report never loads it.
     """
     try:
-        from sim.report import write_run_report
+        from sim.reporting.report import write_run_report
 
         page = write_run_report(run_dir)
     except Exception as error:

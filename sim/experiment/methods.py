@@ -2,7 +2,7 @@
 
 Every method runs the same Agent; a method only decides the population (one model per agent,
 or one central model), the number of heads, the distillation rule, and what its agents send
-each other after local training (`exchange`, a step of sim/exchange.py). A new method is one
+each other after local training (`exchange`, a step of sim/run/exchange.py). A new method is one
 registered builder plus one conf/method/NAME.yaml.
 
 `fedavg` and `gossip` are baselines that share WEIGHTS (`MethodPlan.shares_weights`): they
@@ -17,10 +17,10 @@ from typing import Any
 
 from agents.codecs import MESSAGE_CODECS, CodecConfig
 from agents.losses import TEACHER_RULES, DistillConfig
-from sim.errors import ConfigError
-from sim.mixing import MIXING_RULES
-from sim.registry import Registry
-from sim.validation import boolean, non_negative_number, positive_int, positive_number
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
+from sim.core.validation import boolean, non_negative_number, positive_int, positive_number
+from sim.experiment.mixing import MIXING_RULES
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class MethodPlan:
     aux_heads: int  # auxiliary heads each model gets
     distill: DistillConfig | None  # None: no predictions are exchanged
     message_codec: CodecConfig  # wire format of the predictions sent on each edge
-    exchange: str  # what agents send after local training: a name in sim.exchange.EXCHANGES
-    mixing: str | None = None  # gossip only: the name of its mixing weights in sim.mixing.MIXING_RULES
+    exchange: str  # what agents send after local training: a name in sim.run.exchange.EXCHANGES
+    mixing: str | None = None  # gossip only: the name of its mixing weights in sim.experiment.mixing.MIXING_RULES
 
     @property
     def exchanges(self) -> bool:
@@ -124,7 +124,7 @@ def gossip(params: dict[str, Any], aux_heads: int) -> MethodPlan:
     """Shares WEIGHTS (a baseline): each agent averages its weights with its in-neighbours' (D-PSGD).
 
     Lian et al. 2017's decentralised averaging over the same graph MHD uses, with local steps
-    between averagings; the mixing weights are sim/mixing.py's. One head, as for fedavg.
+    between averagings; the mixing weights are sim/experiment/mixing.py's. One head, as for fedavg.
     """
     del aux_heads
     if "mixing" not in params:

@@ -1,6 +1,6 @@
 """A finished run directory read back as one typed record, for reports, sweeps and wandb.
 
-sim/run.py writes config.yaml, summary.json, metrics.jsonl (one line per evaluation),
+sim/run/main.py writes config.yaml, summary.json, metrics.jsonl (one line per evaluation),
 rounds.jsonl (one line per round), partition.csv and graph.edgelist. Everything downstream
 (report pages, sweep tables, wandb images) reads those files, never the live simulation, so
 the same code serves a run that just ended and a run from last month. Runs written before
@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 from omegaconf import OmegaConf
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 AgentHeads = dict[int, dict[str, dict[str, float]]]  # agent -> head -> shared_acc/private_acc
 

@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 
 from agents.agent import TrainingDivergedError
 from sim.backends.base import RecoveryFailedError
-from sim.errors import ConfigError
-from sim.interrupt import RunInterrupted, resume_command
-from sim.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, debug_requested, preflight
-from sim.run import describe_error, run
+from sim.core.errors import ConfigError
+from sim.run.interrupt import RunInterrupted, resume_command
+from sim.run.main import describe_error, run
+from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, debug_requested, preflight
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1  # the run diverged, or lost agents it could not restore

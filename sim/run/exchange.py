@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 
 from agents.weight_sharing import INITIAL_ROUND
 from sim.backends import Backend
-from sim.errors import ConfigError
-from sim.metrics import round_bytes
-from sim.mixing import MIXING_RULES
-from sim.registry import Registry
+from sim.core.errors import ConfigError
+from sim.core.registry import Registry
+from sim.experiment.mixing import MIXING_RULES
+from sim.reporting.metrics import round_bytes
 
 if TYPE_CHECKING:
-    from sim.experiment import Experiment
+    from sim.experiment.assembly import Experiment
 
 RoundMetrics = Mapping[int, Mapping[str, float]]
 

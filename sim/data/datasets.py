@@ -2,7 +2,7 @@
 
 In Multi-Headed Distillation the agents exchange predictions on a public set drawn from the
 training split with its labels dropped; the rest of the training split is partitioned among
-the agents as their private labelled data (see `sim.partition`).
+the agents as their private labelled data (see `sim.data.partition`).
 
 Usage, with a data config from conf/data/NAME.yaml:
     splits = load_dataset(cfg.name, cfg.root, seed, **options)  # options: keys other than
@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim.core.seeding import derive_rng
+
 # Importing the loader modules registers their datasets in DATASETS.
 from sim.data import builtin, cifar, idx  # noqa: F401
 from sim.data.core import DATASETS, ArrayDataset, DatasetSplits
 from sim.data.files import dataset_md5_check
 from sim.data.options import check_options, require
-from sim.seeding import derive_rng
 
 __all__ = [
     "DATASETS",

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import networkx as nx
 
 from agents.weight_sharing import Mixing
-from sim.registry import Registry
+from sim.core.registry import Registry
 
 MixingRule = Callable[[nx.DiGraph], Mixing]
 MIXING_RULES: Registry[MixingRule] = Registry("method.mixing")

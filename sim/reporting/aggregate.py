@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from sim import plots
-from sim.errors import ConfigError
-from sim.rundir import Run, find_runs, load_run
+from sim.core.errors import ConfigError
+from sim.reporting import plots
+from sim.reporting.rundir import Run, find_runs, load_run
 
 NOT_SETTINGS = ("seed", "logger", "debug", "resume", "checkpoint_every", "checkpoint_keep", "data.root")
 METRICS = ("shared_acc", "private_acc")

@@ -6,7 +6,7 @@ to actor. Resources are checked against the nodes before any actor is created, a
 that does not finish in time raises a named error instead of hanging.
 
 All actors' resources are reserved at once as one placement group (PACK or SPREAD over the
-nodes). On a cluster (`runtime.address`) the code travels with the job (sim.cluster.shipped_code),
+nodes). On a cluster (`runtime.address`) the code travels with the job (sim.backends.ray.cluster.shipped_code),
 and with `runtime.shard_source=node` each actor reads its agents' private shards on its own
 node (NodeShardGroupActor).
 
@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray._private import ray_constants  # the loopback switch as the driver read it (see loopback_only)
@@ -34,13 +34,10 @@ from agents.actor import AgentGroupActor, RemoteAgentGroup, WorkerRestartedError
 from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
-from sim.backends.base import Backend, GroupPlan, RecoveryFailedError, WorkerLostError
-from sim.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
-from sim.errors import ConfigError
-from sim.placement import Node, Placement, RuntimeConfig, execution_config, plan_placement
-
-if TYPE_CHECKING:
-    from sim.experiment import Experiment
+from sim.backends.base import Backend, GroupPlan, RecoveryFailedError, WorkerLostError, Workload
+from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
+from sim.backends.ray.placement import Node, Placement, RuntimeConfig, execution_config, plan_placement
+from sim.core.errors import ConfigError
 
 
 class ActorStartupError(RuntimeError):
@@ -61,7 +58,7 @@ class RayBackend(Backend):
         self.locations: list[dict[str, Any]] = []  # per actor: node_id, device, pid, set_up (its ready())
         self.restart_counts: list[int] = []  # per actor: restarts found (a new pid)
         self.payloads: list[Any] = []  # per actor: what `setup` builds its agents from
-        self.pending_faults: dict[str, set[int]] = {}  # fault point -> actors to die there (sim/faults.py)
+        self.pending_faults: dict[str, set[int]] = {}  # fault point -> actors to die there (sim/backends/faults.py)
         self.node_ips: dict[str, str] = {}  # node id -> IP, for describe()
         self.reservation: PlacementGroup | None = None
 
@@ -293,7 +290,7 @@ class RayBackend(Backend):
         }
 
 
-def create_ray_backend(experiment: Experiment) -> tuple[RayBackend, list[list[int]]]:
+def create_ray_backend(experiment: Workload) -> tuple[RayBackend, list[list[int]]]:
     """Connect, then plan the experiment's agents onto the nodes; no actor exists until `start`."""
     runtime = experiment.runtime
     started_here = connect_ray(runtime)
@@ -337,7 +334,7 @@ def connect_ray(runtime: RuntimeConfig) -> bool:
     """Attach to `runtime.address`, or start a new local Ray on loopback; True if connected here.
 
     "local" makes Ray start a new instance even where `ray start` left an address behind;
-    sim.placement.check_cluster_address has rejected a missing address inside a cluster.
+    sim.backends.ray.placement.check_cluster_address has rejected a missing address inside a cluster.
     """
     if ray.is_initialized():
         return False

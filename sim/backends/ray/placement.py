@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agents.agent import ExecutionConfig
-from sim.cluster import ClusterConfig
-from sim.errors import ConfigError
-from sim.faults import Fault
+from sim.backends.faults import Fault
+from sim.backends.ray.cluster import ClusterConfig
+from sim.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class RuntimeConfig:
     vectorize: bool  # vmap a process's homogeneous agents together (an option to prove on GPU)
     bf16: bool  # bfloat16 autocast of forward passes (speed; numerics change, see docs/performance.md)
     cluster: ClusterConfig  # placement strategy, per-backbone and custom resources, what ships to nodes
-    faults: tuple[Fault, ...]  # fault injection, a test tool: workers killed at chosen points (sim/faults.py)
+    faults: tuple[Fault, ...]  # fault injection, a test tool: workers killed at chosen points (sim/backends/faults.py)
 
     @property
     def on_this_machine(self) -> bool:

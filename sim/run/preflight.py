@@ -7,7 +7,7 @@ overrides as Hydra's main will, hydra.* ones included, so whatever main would re
 here first, as a ConfigError that names the override. It also rejects what would compose but
 break later (a removed key, a value in place of a group of keys, an unresolvable ${...}),
 checks that the output folder can be created, and runs the checks that need no data
-(`sim.run` names, `sim.experiment.check_config`).
+(`sim.run.main` names, `sim.experiment.assembly.check_config`).
 
 Sweeps (--multirun) are checked one combination at a time, the same jobs that Hydra's basic
 sweeper launches. Hydra composes every job of a sweep before it launches the first, and a
@@ -35,11 +35,11 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from sim.errors import ConfigError
-from sim.experiment import check_config
-from sim.run import check_names
+from sim.core.errors import ConfigError
+from sim.experiment.assembly import check_config
+from sim.run.main import check_names
 
-CONFIG_MODULE = "conf"  # the packaged config tree, as sim/cli.py hands it to hydra.main
+CONFIG_MODULE = "conf"  # the packaged config tree, as sim/run/cli.py hands it to hydra.main
 CONFIG_NAME = "config"
 HYDRA_VERSION_BASE = "1.3"
 COMMANDS = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")  # Hydra takes one at most

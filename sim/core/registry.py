@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -1,0 +1,5 @@
+"""Foundations shared by every layer: error type, name registries, seed derivation, value checks.
+
+Imports nothing else of the project (only the standard library), so `agents/` and `topologies/`
+use it without loading any driver code (docs/design.md#layers).
+"""
