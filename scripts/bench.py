@@ -52,7 +52,6 @@ from typing import Any, Protocol
 
 import ray
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from agents.agent import Agent
@@ -62,7 +61,7 @@ from sim.backends.ray.placement import execution_config
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import Experiment, build_experiment
 from sim.run.loop import group_plans
-from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
+from sim.run.preflight import compose_config
 
 MODES = ("raw", "serial", "ray", "ray_one_per_actor")
 RAY_MODES = ("ray", "ray_one_per_actor")
@@ -161,12 +160,6 @@ class BackendLoop:
 
     def shutdown(self) -> None:
         self.backend.shutdown()
-
-
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """The packaged config with `overrides`, composed as `mhd-sim` composes it."""
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
-        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
 
 
 def common_overrides(preset: str, extras: Sequence[str], samples_per_agent: int) -> list[str]:

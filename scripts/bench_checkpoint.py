@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
 from sim.backends import create_backend
 from sim.experiment.assembly import build_experiment
 from sim.run.checkpoint import CheckpointStore, LoopState
 from sim.run.loop import group_plans
+from sim.run.preflight import compose_config
 
 
 def main() -> None:
@@ -31,8 +30,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_checkpoint.json"))
     args = parser.parse_args()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args.overrides)
+    cfg = compose_config(args.overrides)
     experiment = build_experiment(cfg)
     backend, groups = create_backend(experiment)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))

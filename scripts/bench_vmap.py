@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_module
 
 from agents.agent import ExecutionConfig
 from agents.group import AgentGroup
 from agents.messages import Prediction
 from agents.vectorized import VectorizedAgentGroup
 from sim.experiment.assembly import Experiment, build_experiment
-from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE
+from sim.run.preflight import compose_config
 
 PRESETS = {
     "small_cnn_digits": ["backbone=small_cnn", "data=digits"],
@@ -54,8 +53,7 @@ MODES = {"loop": AgentGroup, "vmap": VectorizedAgentGroup}
 
 
 def build(overrides: Sequence[str]) -> Experiment:
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
-        return build_experiment(compose(config_name=CONFIG_NAME, overrides=list(overrides)))
+    return build_experiment(compose_config(overrides))
 
 
 def synchronize(device: str) -> None:

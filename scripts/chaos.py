@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra import compose, initialize_config_module
+
+from sim.run.preflight import compose_config
 
 MHD_SIM = str(Path(sys.executable).with_name("mhd-sim"))
 MIN_GAP_ROUNDS = 2
@@ -92,8 +93,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("chaos.json"))
     parser.add_argument("--workdir", type=Path, default=None, help="where both runs write (default: a temp dir)")
     args = parser.parse_args()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args.overrides)
+    cfg = compose_config(args.overrides)
     checkpoint_every = int(cfg.checkpoint_every) or 1
     plan = draw_plan(int(cfg.rounds), int(cfg.eval_every), checkpoint_every, args.kills, args.chaos_seed)
     planned_deaths = len(plan)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from agents.agent import ExecutionConfig
+from sim.run.preflight import compose_config
 
 # How an Agent built directly in a test runs: one CPU thread, none of the speed options.
 PLAIN_CPU = ExecutionConfig(
@@ -28,8 +28,7 @@ TINY = [
 
 def make_config(*overrides: str) -> DictConfig:
     """The packaged config with `overrides` applied, as `mhd-sim` would compose it."""
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,17 @@ from sim.run.main import check_names
 CONFIG_MODULE = "conf"  # the packaged config tree, as sim/run/cli.py hands it to hydra.main
 CONFIG_NAME = "config"
 HYDRA_VERSION_BASE = "1.3"
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The packaged config with `overrides` applied, composed as `mhd-sim` composes it (no checks).
+
+    The one way scripts and tests build a config without the CLI.
+    """
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
 COMMANDS = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")  # Hydra takes one at most
 
 
