@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from agents.faults import FAULT_POINTS
+from sim.core.config import to_plain
 from sim.core.errors import ConfigError
 from sim.core.seeding import derive_rng
 from sim.core.validation import non_negative_int
@@ -46,8 +45,7 @@ class Fault:
 
 def parse_faults(node: Any) -> tuple[Fault, ...]:
     """`runtime.faults` as Faults; a ConfigError names the first bad entry's key."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        node = OmegaConf.to_container(node, resolve=True)
+    node = to_plain(node)
     if node is None:
         return ()
     if not isinstance(node, list):

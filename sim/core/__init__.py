@@ -1,5 +1,6 @@
-"""Foundations shared by every layer: error type, name registries, seed derivation, value checks.
+"""Foundations shared by every layer: error type, name registries, seed derivation, value checks,
+config nodes as plain Python.
 
-Imports nothing else of the project (only the standard library), so `agents/` and `topologies/`
-use it without loading any driver code (docs/design.md#layers).
+Imports nothing else of the project (only the standard library, numpy, omegaconf), so `agents/`
+and `topologies/` use it without loading any driver code (docs/design.md#layers).
 """

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from agents.agent import AgentSpec, PublicData, TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
@@ -32,6 +32,7 @@ from sim.backends.ray.placement import (
     check_gpus_exist,
     check_population_fits,
 )
+from sim.core.config import plain_dict, to_plain
 from sim.core.errors import ConfigError
 from sim.core.seeding import derive_rng, derive_seed
 from sim.core.validation import (
@@ -247,7 +248,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
 def train_config(train: DictConfig) -> TrainConfig:
     """The train group as a TrainConfig, with an optimizer that is known to build."""
     node = train.optimizer
-    optimizer = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    optimizer = to_plain(node)
     if not isinstance(optimizer, dict) or "_target_" not in optimizer:
         raise ConfigError("train.optimizer", optimizer, "a mapping with _target_ (e.g. torch.optim.SGD) and its kwargs")
     kwargs = {str(key): value for key, value in optimizer.items()}
@@ -391,7 +392,7 @@ def _distinct(backbones: Sequence[AgentBackbone]) -> list[AgentBackbone]:
 def _agent_backbone(name: str, group: DictConfig, key: str) -> AgentBackbone:
     """A backbone group split into the builder's options and the optimizer overrides."""
     node = group.get("optimizer")
-    optimizer = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    optimizer = to_plain(node)
     optimizer = {} if optimizer is None else optimizer
     if not isinstance(optimizer, dict):
         raise ConfigError(f"{key}.optimizer", optimizer, "a mapping of train.optimizer keys, e.g. {lr: 0.02}")
@@ -488,6 +489,4 @@ def _central_spec(specs: list[AgentSpec], seed: int) -> AgentSpec:
 
 def _params(group: DictConfig, drop: tuple[str, ...] = ("name",)) -> dict[str, Any]:
     """A config group as plain kwargs for its registered builder (without `name`)."""
-    params = OmegaConf.to_container(group, resolve=True)
-    assert isinstance(params, dict)
-    return {str(key): value for key, value in params.items() if key not in drop}
+    return plain_dict(group, drop=drop)

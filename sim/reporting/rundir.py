@@ -20,6 +20,7 @@ import networkx as nx
 import numpy as np
 from omegaconf import OmegaConf
 
+from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
 
 AgentHeads = dict[int, dict[str, dict[str, float]]]  # agent -> head -> shared_acc/private_acc
@@ -67,7 +68,7 @@ def load_run(directory: Path) -> Run:
     class_counts = read_partition(directory / "partition.csv")
     return Run(
         directory=directory,
-        config=_plain(OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"))),
+        config=plain_dict(OmegaConf.load(directory / "config.yaml"), resolve=False),
         summary=json.loads((directory / "summary.json").read_text()),
         evaluations=evaluations,
         rounds=rounds,
@@ -97,11 +98,6 @@ def read_graph(path: Path, num_agents: int) -> nx.DiGraph:
     lines = path.read_text().splitlines() if path.is_file() else []
     graph.add_edges_from((int(u), int(v)) for u, v, *_ in (line.split() for line in lines if line.strip()))
     return graph
-
-
-def _plain(container: Any) -> dict[str, Any]:
-    assert isinstance(container, dict), "config.yaml holds a mapping"
-    return {str(key): value for key, value in container.items()}
 
 
 def _round_fields(evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.vectorized import check_vectorizable
 from sim.backends import BACKENDS, create_backend
 from sim.backends.base import RecoveryFailedError
+from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
 from sim.core.validation import non_negative_int, positive_int
 from sim.experiment.assembly import Experiment, build_experiment
@@ -56,9 +57,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 check_vectorizable(plan.specs)
         if resume_from is None:
             write_run_files(run_dir, cfg, experiment)
-        sinks += LOGGERS.get(str(cfg.logger.name))(_plain(cfg.logger), run_dir)
+        sinks += LOGGERS.get(str(cfg.logger.name))(plain_dict(cfg.logger), run_dir)
         for sink in sinks:
-            sink.start(_plain(cfg), experiment.rounds)
+            sink.start(plain_dict(cfg), experiment.rounds)
         summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
         completed = True
     except RunInterrupted:
@@ -139,12 +140,6 @@ def check_names(cfg: DictConfig) -> None:
         raise ConfigError("logger.mode", cfg.logger.mode, f"one of {', '.join(WANDB_MODES)}")
     if not isinstance(cfg.logger.report, bool):
         raise ConfigError("logger.report", cfg.logger.report, "true or false")
-
-
-def _plain(node: DictConfig) -> dict[str, Any]:
-    container = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(container, dict)
-    return {str(key): value for key, value in container.items()}
 
 
 def write_run_files(run_dir: Path, cfg: DictConfig, experiment: Experiment) -> None:

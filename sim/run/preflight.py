@@ -35,6 +35,7 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import check_config
 from sim.run.main import check_names
@@ -180,7 +181,8 @@ class _Composer:
         except Exception as error:  # Hydra raises its own errors, OmegaConf's, ValueError, ...
             raise self._blame(overrides, error) from error
         _check_resolves(cfg)
-        _check_shape(_plain(cfg), _plain(self._reference(overrides)), "")
+        ours, reference = (plain_dict(c, resolve=False, drop=("hydra",)) for c in (cfg, self._reference(overrides)))
+        _check_shape(ours, reference, "")
         return cfg
 
     def _is_group(self, override: Override) -> bool:
@@ -236,12 +238,6 @@ def _check_resolves(cfg: DictConfig) -> None:
         raw = None if error.child_node is None else str(error.child_node)
         reason = str(error.msg).splitlines()[0]
         raise ConfigError(str(error.full_key), raw, f"cannot be resolved: {reason}") from error
-
-
-def _plain(cfg: DictConfig) -> dict[str, Any]:
-    container = OmegaConf.to_container(cfg, resolve=False)
-    assert isinstance(container, dict)
-    return {str(key): value for key, value in container.items() if key != "hydra"}
 
 
 def _check_shape(composed: Any, reference: Any, key: str) -> None:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from agents.agent import AgentSpec
 from agents.backbones.registry import BACKBONES
+from sim.core.config import to_plain
 from sim.core.errors import ConfigError
 from sim.core.registry import Registry
 from sim.core.validation import boolean, positive_number
@@ -116,8 +117,7 @@ def _mapping(key: str, node: Any, allowed: str) -> dict[str, Any]:
     """`node` as a plain dict; null is the empty mapping (so that `key={...}` can set it from the command line)."""
     if node is None:
         return {}
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
+    node = to_plain(node)
     if not isinstance(node, Mapping):
         raise ConfigError(key, node, allowed)
     return {str(name): value for name, value in node.items()}
