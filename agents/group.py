@@ -7,7 +7,6 @@ changes results: every agent draws from its own seeded stream.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from agents.agent import Agent, AgentSpec, ExecutionConfig, PublicData
 from agents.messages import EvalCounts, Prediction, check_metrics
 from agents.weight_sharing import Mixing, WeightBundle, WeightShare, load_weights, mix, share_weights
+from sim.core.atomic import write_then_rename
 
 Bundle = Mapping[int, Prediction]  # sender id -> its prediction on one public batch
 
@@ -94,10 +94,8 @@ class AgentGroup:
         """Write every agent's (or only `agent_ids`') state to `directory/agent_XXXXX.pt` (write-then-rename)."""
         for agent_id in self.agents if agent_ids is None else agent_ids:
             agent = self.agents[agent_id]
-            path = Path(directory) / agent_state_file(agent_id)
-            partial = path.with_suffix(".partial")
-            torch.save(agent.state_dict(), partial)
-            os.replace(partial, path)
+            with write_then_rename(Path(directory) / agent_state_file(agent_id)) as partial:
+                torch.save(agent.state_dict(), partial)
 
     def restore(self, directory: str) -> dict[int, Prediction]:
         """Load every agent's state; returns the predictions they had in flight (the bundle)."""

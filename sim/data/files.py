@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sim.core.atomic import write_then_rename
 from sim.core.errors import ConfigError
 
 MD5_CHUNK_BYTES = 1 << 20
@@ -71,14 +72,13 @@ def verified_folder(
 def _fetch(target: Path, mirrors: Sequence[str]) -> None:
     """Downloads `target.name` from the first mirror that answers; a partial file never takes its name."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
     failures = []
     for base_url in mirrors:
         try:
-            urllib.request.urlretrieve(base_url + target.name, partial)
+            with write_then_rename(target, ".part") as partial:
+                urllib.request.urlretrieve(base_url + target.name, partial)
         except OSError as error:
             failures.append(f"{base_url}: {error}")
             continue
-        partial.replace(target)
         return
     raise OSError(f"could not download {target.name}: {'; '.join(failures)}")

@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from sim.core.atomic import write_then_rename
 from sim.core.registry import Registry
 from sim.reporting.rundir import read_graph, read_partition
 
@@ -57,9 +58,8 @@ class JsonlFile:
         """Drop the lines after round `last_round` (their rounds will be run again)."""
         self.file.close()
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
-        partial = self.path.with_suffix(".partial")
-        partial.write_text("".join(line + "\n" for line in kept))
-        partial.replace(self.path)
+        with write_then_rename(self.path) as partial:
+            partial.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
 from sim.backends.base import RecoveryFailedError, WorkerLostError
 from sim.backends.faults import FaultSchedule
+from sim.core.atomic import write_then_rename
 from sim.experiment.assembly import Experiment
 from sim.experiment.convergence import convergence, history_point
 from sim.reporting.loggers import Sink
@@ -311,6 +312,5 @@ def interrupted_summary(
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write-then-rename, so a reader never sees half a file."""
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    partial.replace(path)
+    with write_then_rename(path) as partial:
+        partial.write_text(json.dumps(payload, indent=2) + "\n")
