@@ -20,6 +20,11 @@ warm runs follow. The script's Ray uses its own temp dir, free ports and a rando
 machine, and it stops only that Ray. Each mhd-sim run's own summary.json times (actor
 start-up, rounds) and the load average are kept with its sample. Targets (docs/performance.md):
 cold <= 1.4x and warm <= 0.6x the floor.
+
+Each sample also has its CPU seconds (user + system, read from /proc every 0.1 s): the process
+and all its descendants (a local Ray's processes and workers), plus, for a warm run, what the
+head's processes spent meanwhile (its workers included). CPU time changes far less than wall
+time when other jobs load the machine, so it compares runs measured under different loads.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -86,27 +92,97 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def timed(command: Sequence[str], env: dict[str, str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
-    """Wall time of `command` from spawn to exit, and its result (a failure stops the benchmark)."""
+def timed(command: Sequence[str], env: dict[str, str], cwd: Path, head: int | None = None) -> tuple[float, float]:
+    """Wall time of `command` from spawn to exit, and the CPU seconds of its process tree.
+
+    With `head` (a `ray start` node's session), the CPU that node's processes spent meanwhile
+    counts too: the workers of an attached run are the head's children. A failure stops the
+    benchmark.
+    """
     started = time.perf_counter()
-    result = subprocess.run(
-        list(command), env=env, cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    process = subprocess.Popen(
+        list(command), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    with CpuSampler(process.pid, head) as sampler:
+        try:
+            _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
     elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return elapsed, result
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{stderr[-3000:]}")
+    return elapsed, sampler.cpu_s()
 
 
-def sample(kind: str, command: Sequence[str], env: dict[str, str], cwd: Path, run_dir: Path | None) -> dict[str, Any]:
+class CpuSampler(threading.Thread):
+    """CPU seconds (user + system) of a process tree and of a session, read from /proc every 0.1 s.
+
+    Each process counts with its last reading, so up to 0.1 s of a process's last moments is
+    missed; a session's processes count only what they spent after the sampler started.
+    """
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, root: int, session: int | None) -> None:
+        super().__init__(daemon=True)
+        self.root, self.session = root, session
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.stop = threading.Event()
+        self.baseline = {key: cpu for key, (_, in_session, cpu) in self._scan().items() if in_session}
+        self.last: dict[tuple[int, int], int] = {}
+
+    def __enter__(self) -> CpuSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
+        self._sample()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.INTERVAL_S):
+            self._sample()
+
+    def cpu_s(self) -> float:
+        return sum(cpu - self.baseline.get(key, 0) for key, cpu in self.last.items()) / self.ticks
+
+    def _sample(self) -> None:
+        processes = self._scan()
+        children: dict[int, list[tuple[int, int]]] = {}
+        for key, (parent, _, _) in processes.items():
+            children.setdefault(parent, []).append(key)
+        tree = [key for key in processes if key[0] == self.root]
+        for key in tree:  # grows while it is walked: every descendant of the root
+            tree.extend(children.get(key[0], []))
+        for key in [*tree, *(key for key, (_, in_session, _) in processes.items() if in_session)]:
+            self.last[key] = processes[key][2]
+
+    def _scan(self) -> dict[tuple[int, int], tuple[int, bool, int]]:
+        """(pid, start time) -> (parent pid, in the session, utime + stime in ticks) of every process."""
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name: state, ppid, pgrp, session
+                key = (int(stat.parent.name), int(fields[19]))  # the start time tells a reused pid apart
+                found[key] = (int(fields[1]), int(fields[3]) == self.session, int(fields[11]) + int(fields[12]))
+        return found
+
+
+def sample(
+    kind: str, command: Sequence[str], env: dict[str, str], cwd: Path, run_dir: Path | None, head: int | None = None
+) -> dict[str, Any]:
+    """One timed process; with `head`, its CPU time includes what that node's processes spent meanwhile."""
     load_before = os.getloadavg()[0]
-    wall, _ = timed(command, env, cwd)
-    found: dict[str, Any] = {"wall_s": round(wall, 3), "load_1min_before": round(load_before, 2)}
+    wall, cpu = timed(command, env, cwd, head)
+    found: dict[str, Any] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2)}
+    found["load_1min_before"] = round(load_before, 2)
     if run_dir is not None:
         summary = json.loads((run_dir / "summary.json").read_text())
         found |= {key: summary.get(key) for key in ("wall_time_s", "setup_time_s", "round_time_s_mean")}
         found["report_written"] = (run_dir / "report.html").is_file()
-    print(f"  {kind:<5} {wall:6.2f} s  (load {load_before:.2f})", flush=True)
+    print(f"  {kind:<5} {wall:6.2f} s wall {cpu:6.2f} s CPU  (load {load_before:.2f})", flush=True)
     return found
 
 
@@ -116,6 +192,7 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "median_s": round(statistics.median(walls), 3),
         "min_s": min(walls),
         "max_s": max(walls),
+        "cpu_median_s": round(statistics.median(entry["cpu_s"] for entry in samples), 2),
         "samples": samples,
     }
 
@@ -128,8 +205,11 @@ def clean_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_head(temp_dir: Path) -> Iterator[tuple[dict[str, str], float]]:
-    """`ray start --head` on 127.0.0.1 with token auth; yields the drivers' environment and the start time."""
+def running_head(temp_dir: Path) -> Iterator[tuple[dict[str, str], float, int]]:
+    """`ray start --head` on 127.0.0.1 with token auth.
+
+    Yields the drivers' environment, the seconds the head took to start and its session id.
+    """
     ports = dict(zip(HEAD_PORT_FLAGS, free_ports(len(HEAD_PORT_FLAGS)), strict=True))
     env = clean_env() | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     # The head's servers listen on 127.0.0.1 only, as those of mhd-sim's own local Ray do; a driver
@@ -149,7 +229,7 @@ def running_head(temp_dir: Path) -> Iterator[tuple[dict[str, str], float]]:
                 raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
         start_s = time.perf_counter() - started
-        yield env | {"RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}, start_s
+        yield env | {"RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}, start_s, head.pid  # its session: its pid
     finally:
         stop_head(head)
 
@@ -214,12 +294,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 samples["cold"].append(sample("cold", command, env, scratch, run_dir))
         head_start_s = None
         if "warm" in samples:
-            with running_head(scratch) as (warm_env, head_start_s):
+            with running_head(scratch) as (warm_env, head_start_s, head):
                 print(f"  ray start --head: {head_start_s:.2f} s", flush=True)
                 for index in range(args.repeats):
                     run_dir = scratch / f"warm-{index}"
                     command = [MHD_SIM, *overrides, "runtime.address=auto", f"hydra.run.dir={run_dir}"]
-                    samples["warm"].append(sample("warm", command, warm_env, scratch, run_dir))
+                    samples["warm"].append(sample("warm", command, warm_env, scratch, run_dir, head))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     results = {kind: summarise(found) for kind, found in samples.items()}
@@ -248,7 +328,8 @@ def print_table(report: dict[str, Any]) -> None:
         ratio = result.get("vs_floor")
         target = TARGETS.get(f"{kind}_vs_floor")
         versus = "" if ratio is None else f"  {ratio:.2f}x floor (target <= {target}x)"
-        print(f"{kind:<6} {result['median_s']:6.2f} s ({result['min_s']:.2f}-{result['max_s']:.2f}){versus}")
+        spread = f"({result['min_s']:.2f}-{result['max_s']:.2f})"
+        print(f"{kind:<6} {result['median_s']:6.2f} s {spread:<13} CPU {result['cpu_median_s']:6.2f} s{versus}")
     load = report["load_avg_1_5_15"]
     print(f"load average (1, 5, 15 min): {load['start']} at start, {load['end']} at end")
 

@@ -77,8 +77,9 @@ def test_bench_startup_measures_floor_cold_and_warm_and_writes_its_report(tmp_pa
     assert {"cpu_count", "platform", "python", "torch", "ray"} <= set(report["machine"])
     assert list(report["results"]) == ["floor", "cold", "warm"]
     for kind, result in report["results"].items():
-        assert {"median_s", "min_s", "max_s", "samples"} <= set(result), kind
+        assert {"median_s", "min_s", "max_s", "cpu_median_s", "samples"} <= set(result), kind
         assert len(result["samples"]) == 1
+        assert {"wall_s", "cpu_s", "load_1min_before"} <= set(result["samples"][0]), kind
     for kind in ("cold", "warm"):
         assert report["results"][kind]["vs_floor"] is not None
         (run,) = report["results"][kind]["samples"]
