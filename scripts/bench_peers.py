@@ -38,6 +38,9 @@ Measured per process:
                 PSS counts a page shared by N processes 1/N in each, so pages shared inside the tree
                 (libraries, Ray's object store) count once, and pages shared with processes outside
                 it (another job's torch) only in part.
+    other_cpu   CPU seconds the rest of the machine used while it ran (/proc/stat busy time less the
+                run's own, which the orchestrator reads from its reaped children's rusage), and
+                other_cpu_share, that over wall time x cores: how much other jobs competed with it
 Ratios: mhd-sim's median over Flower's and over raw's. The targets (issue "speed a user feels"):
 mhd-sim's wall time <= 0.8x Flower's at K = 8 and 32, <= 0.33x at K = 200.
 Prints a table and writes JSON (--out). Never asserts on time.
@@ -53,6 +56,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -609,6 +613,7 @@ def measure_process(
     tag = uuid.uuid4().hex
     env = {**env, TAG_VARIABLE: tag}
     load_before = os.getloadavg()
+    busy_before, own_before = _busy_cpu_s(), _own_cpu_s()
     with log_path.open("w") as log:
         tick = time.perf_counter()
         process = subprocess.Popen(
@@ -623,6 +628,7 @@ def measure_process(
         wall_s = time.perf_counter() - tick
         sampler.stop_event.set()
         sampler.join()
+    busy_s, own_s = _busy_cpu_s() - busy_before, _own_cpu_s() - own_before
     left, linger_s = _reap(sampler, process)
     return {
         "wall_s": wall_s,
@@ -633,9 +639,29 @@ def measure_process(
         "max_processes": sampler.max_processes,
         "pss_samples": sampler.samples,
         "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
+        "cpu_s": own_s,
+        "other_cpu_s": max(busy_s - own_s, 0.0),
+        "other_cpu_share": max(busy_s - own_s, 0.0) / (wall_s * (os.cpu_count() or 1)),
         "linger_s": linger_s,
         "killed_leftovers": left,
     }
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (every process, /proc/stat), or 0 without /proc."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process (the sampler) and of its exited, reaped children and their reaped descendants."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _reap(sampler: TreeSampler, process: subprocess.Popen[bytes]) -> tuple[list[int], float]:
@@ -903,13 +929,13 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def wait_for_load(threshold: float | None, max_wait_s: float) -> dict[str, Any]:
-    """Polls the 1-minute load average every 60 s until it is <= threshold (or max_wait_s has passed)."""
+def wait_for_load(threshold: float | None, max_wait_s: float, poll_s: float = 60) -> dict[str, Any]:
+    """Polls the 1-minute load average every `poll_s` until it is <= threshold (or max_wait_s has passed)."""
     tick = time.perf_counter()
     load = os.getloadavg()
     while threshold is not None and load[0] > threshold and time.perf_counter() - tick < max_wait_s:
         print(f"bench_peers: 1-minute load {load[0]:.2f} > {threshold}; waiting", file=sys.stderr, flush=True)
-        time.sleep(60)
+        time.sleep(poll_s)
         load = os.getloadavg()
     return {"threshold": threshold, "waited_s": time.perf_counter() - tick, "load_at_start": list(load)}
 
@@ -959,7 +985,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run mhd-sim from `git archive REV` of this repository (default: the checkout as installed)",
     )
     parser.add_argument("--wait-load", type=float, default=None, help="wait until the 1-minute load is <= this")
-    parser.add_argument("--wait-max-s", type=float, default=2400, help="longest wait for --wait-load (2400)")
+    parser.add_argument(
+        "--gate-load",
+        type=float,
+        default=None,
+        help="before each run, wait until the 1-minute load is <= this (polls every 15 s; a run's own load decays)",
+    )
+    parser.add_argument(
+        "--wait-max-s", type=float, default=2400, help="longest wait for --wait-load, and for each --gate-load (2400)"
+    )
     for name in ("local-steps", "batch-size", "samples-per-client", "rounds", "num-test", "public-size",
                  "public-batch-size"):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=None, help="override the setting for every K")
@@ -999,9 +1033,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if system == "flower" and flower["status"] != "ok":
                 continue
             label = f"k{k}_{system}_{repeat}"
-            print(f"bench_peers: {label}", file=sys.stderr, flush=True)
+            gate = wait_for_load(args.gate_load, args.wait_max_s, poll_s=15) if args.gate_load else None
+            print(f"bench_peers: {label} (1-minute load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
             measured = run_system(system, settings[k], args, Path(scratch), label)
-            runs.append({"k": k, "system": system, "repeat": repeat, **measured})
+            runs.append({"k": k, "system": system, "repeat": repeat, "gate": gate, **measured})
     report = {
         "command": ["python", "scripts/bench_peers.py", *(sys.argv[1:] if argv is None else argv)],
         "machine": machine_facts(),
