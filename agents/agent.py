@@ -99,7 +99,7 @@ def shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
     The public and test sets reach an actor through Ray's object store as read-only views of
     shared memory that every actor of a node maps once; agents only read them, so viewing them
-    keeps one copy per node instead of one per process (docs/performance.md#memory).
+    keeps one copy per node instead of one per process (docs/performance.md, "Memory").
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -308,7 +308,7 @@ class _Packing:
 MIN_AGENT_BYTES = 16 * 1024
 """A floor under one agent's memory in its worker, known before any data is read: its Python
 objects, RNG, optimizer and a model of a few hundred parameters already take more (measured per
-agent in docs/performance.md#scale). It only has to reject the impossible at once; the check after
+agent in docs/performance.md, "Scale"). It only has to reject the impossible at once; the check after
 the data is read uses the real model and shard sizes."""
 
 
