@@ -210,12 +210,17 @@ def samples_per_round(experiment: Experiment) -> int:
 
 def peak_rss_mib(pid: int | str) -> float | None:
     """A process's peak resident set (VmHWM) in MiB; None when /proc has no such process (or no /proc)."""
+    return proc_mib(f"/proc/{pid}/status", "VmHWM:")
+
+
+def proc_mib(path: str, field: str) -> float | None:
+    """The kB value of the line starting with `field` in a /proc file, in MiB; None if the file or line is missing."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
+    for line in text.splitlines():
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return None
 
@@ -234,14 +239,7 @@ def reset_peak_rss() -> bool:
 
 def pss_mib(pid: int | str) -> float | None:
     """A process's proportional set size in MiB; None when /proc has no such process (or no smaps_rollup)."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    for line in rollup.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return None
+    return proc_mib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def descendants(root: int) -> list[int]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+from tests.conftest import load_script
 
 # Three agents (a ring needs 3) on 8x8 images: the two Ray start-ups (~10 s each on 2 cores) dominate.
 TINY_BENCH = [
@@ -50,21 +48,12 @@ MODE_KEYS = {
 }
 
 
-def _load_bench() -> ModuleType:
-    """scripts/ is not a package, so the script is loaded from its file."""
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_bench_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:
-        returned = _load_bench().main([*TINY_BENCH, f"--out={out}"])
+        returned = load_script("bench").main([*TINY_BENCH, f"--out={out}"])
     finally:
         torch.set_num_threads(threads)  # the raw mode sets it process-wide
     report = json.loads(out.read_text())

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-CHAOS = Path(__file__).resolve().parents[1] / "scripts" / "chaos.py"
+from tests.conftest import SCRIPTS, load_script
 
-
-def _load_chaos() -> ModuleType:
-    """scripts/ is not a package, so the script is loaded from its file."""
-    spec = importlib.util.spec_from_file_location("chaos", CHAOS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+CHAOS = SCRIPTS / "chaos.py"
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_a_plan_has_the_deaths_asked_for_each_at_its_own_round(seed: int) -> None:
-    chaos = _load_chaos()
+    chaos = load_script("chaos")
     plan = chaos.draw_plan(rounds=30, eval_every=5, checkpoint_every=3, kills=5, seed=seed)
     assert len(plan) >= 5
     by_round: dict[int, list[str]] = {}
@@ -43,7 +34,7 @@ def test_a_plan_has_the_deaths_asked_for_each_at_its_own_round(seed: int) -> Non
 
 def test_a_run_too_short_for_the_deaths_asked_is_refused() -> None:
     with pytest.raises(SystemExit, match="room for only"):
-        _load_chaos().draw_plan(rounds=4, eval_every=5, checkpoint_every=2, kills=5, seed=0)
+        load_script("chaos").draw_plan(rounds=4, eval_every=5, checkpoint_every=2, kills=5, seed=0)
 
 
 @pytest.mark.slow

@@ -205,6 +205,12 @@ def test_a_lost_actor_that_cannot_be_restored_stops_in_one_line_and_resume_conti
     assert summary["status"] == "failed" and summary["resume_command"] == f"mhd-sim resume={run_dir}"
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["round_000000", "round_000002"]
 
+    final = _resume_from_the_shell(run_dir, tmp_path)
+    assert final["status"] == "completed" and final["final"] == big_reference
+
+
+def _resume_from_the_shell(run_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """`mhd-sim resume=RUN_DIR` as a user types it; the run's summary.json afterwards."""
     resumed = subprocess.run(
         [MHD_SIM, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume-call'}"],
         cwd=tmp_path,
@@ -213,8 +219,8 @@ def test_a_lost_actor_that_cannot_be_restored_stops_in_one_line_and_resume_conti
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    final = json.loads((run_dir / "summary.json").read_text())
-    assert final["status"] == "completed" and final["final"] == big_reference
+    summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    return summary
 
 
 @pytest.mark.parametrize(("signum", "backend"), [(signal.SIGTERM, "serial"), (signal.SIGINT, "ray")])
@@ -235,15 +241,7 @@ def test_the_cli_stops_on_a_signal_and_resumes_to_the_same_numbers(
     assert process.wait(timeout=120) == 128 + signum
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["resume_command"] == f"mhd-sim resume={run_dir}"
-    resumed = subprocess.run(
-        [MHD_SIM, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume-call'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    final = json.loads((run_dir / "summary.json").read_text())
+    final = _resume_from_the_shell(run_dir, tmp_path)
     reference = run(make_config(*overrides, "runtime.backend=serial"), tmp_path / "reference")
     assert final["status"] == "completed" and final["final"] == reference["final"]
     rounds_logged = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 import sim.reporting.report
 from sim.run.main import run
-from tests.conftest import TINY, make_config
+from tests.conftest import TINY, load_script, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_STARTUP = ROOT / "scripts" / "bench_startup.py"
 
 # Checks the default config as preflight does, builds the experiment, and lists the heavy
 # modules the driver holds by then: none of them is needed before the agents run.
@@ -56,20 +53,11 @@ def test_a_report_that_fails_is_one_line_and_the_run_stays_completed(
     assert expected in capsys.readouterr().err
 
 
-def _load_bench_startup() -> ModuleType:
-    """scripts/ is not a package, so the script is loaded from its file."""
-    spec = importlib.util.spec_from_file_location("bench_startup", BENCH_STARTUP)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_bench_startup_measures_floor_cold_and_warm_and_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "bench_startup.json"
     tiny = ["num_agents=3", "train.local_steps=1", "logger.progress=false", "logger.report=false"]
-    returned = _load_bench_startup().main(["--repeats=1", f"--out={out}", *tiny])
+    returned = load_script("bench_startup").main(["--repeats=1", f"--out={out}", *tiny])
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
     assert set(report) == {"overrides", "repeats", "machine", "load_avg_1_5_15", "head_start_s", "targets", "results"}
