@@ -38,9 +38,10 @@ Measured per process:
                 PSS counts a page shared by N processes 1/N in each, so pages shared inside the tree
                 (libraries, Ray's object store) count once, and pages shared with processes outside
                 it (another job's torch) only in part.
-    other_cpu   CPU seconds the rest of the machine used while it ran (/proc/stat busy time less the
-                run's own, which the orchestrator reads from its reaped children's rusage), and
-                other_cpu_share, that over wall time x cores: how much other jobs competed with it
+    other_cpu   CPU seconds the rest of the machine used while it ran: /proc/stat's busy time less
+                the run's own (its process tree's CPU times as sampled, Ray's processes included) and
+                the sampler's; other_cpu_share is that over wall time x cores: how much other jobs
+                competed with it
 Ratios: mhd-sim's median over Flower's and over raw's. The targets (issue "speed a user feels"):
 mhd-sim's wall time <= 0.8x Flower's at K = 8 and 32, <= 0.33x at K = 200.
 Prints a table and writes JSON (--out). Never asserts on time.
@@ -497,14 +498,14 @@ def run_flower(workload: Workload, cpus: int) -> dict[str, Any]:
 # ---- measuring one process ---------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time) of a process, or None when it is gone."""
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, start time, CPU ticks: user + system of all its threads) of a process; None when it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), fields[19]
+    return int(fields[1]), fields[19], int(fields[11]) + int(fields[12])
 
 
 def _has_tag(pid: int, tag: bytes) -> bool:
@@ -540,6 +541,7 @@ class TreeSampler(threading.Thread):
         self.root, self.tag, self.interval = root, f"{TAG_VARIABLE}={tag}".encode(), interval
         self.stop_event = threading.Event()
         self.tagged: dict[tuple[int, str], bool] = {}  # (pid, start time) -> carries the tag
+        self.cpu_ticks: dict[tuple[int, str], int] = {}  # (pid, start time) of a member -> its latest CPU ticks
         self.peak_kib = 0
         self.peak_processes: dict[str, float] = {}
         self.max_processes = 0
@@ -548,6 +550,7 @@ class TreeSampler(threading.Thread):
     def members(self) -> list[int]:
         """The root, its descendants and tagged processes, now."""
         parents: dict[int, int] = {}
+        keys: dict[int, tuple[tuple[int, str], int]] = {}
         found = []
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -558,13 +561,22 @@ class TreeSampler(threading.Thread):
                 continue
             parents[pid] = stat[0]
             key = (pid, stat[1])
+            keys[pid] = (key, stat[2])
             if key not in self.tagged:
                 self.tagged[key] = _has_tag(pid, self.tag)
             if self.tagged[key]:
                 found.append(pid)
         members = set(found)
         members.update(pid for pid in parents if self._descends(pid, parents))
+        for pid in members:
+            key, ticks = keys[pid]
+            self.cpu_ticks[key] = ticks
         return sorted(members)
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of every member, as last sampled (a process's last interval before it exits is missed)."""
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def _descends(self, pid: int, parents: dict[int, int]) -> bool:
         seen = 0
@@ -613,7 +625,8 @@ def measure_process(
     tag = uuid.uuid4().hex
     env = {**env, TAG_VARIABLE: tag}
     load_before = os.getloadavg()
-    busy_before, own_before = _busy_cpu_s(), _own_cpu_s()
+    busy_before = _busy_cpu_s()
+    self_before, children_before = _rusage_cpu_s(resource.RUSAGE_SELF), _rusage_cpu_s(resource.RUSAGE_CHILDREN)
     with log_path.open("w") as log:
         tick = time.perf_counter()
         process = subprocess.Popen(
@@ -628,7 +641,11 @@ def measure_process(
         wall_s = time.perf_counter() - tick
         sampler.stop_event.set()
         sampler.join()
-    busy_s, own_s = _busy_cpu_s() - busy_before, _own_cpu_s() - own_before
+    busy_s = _busy_cpu_s() - busy_before
+    sampler_s = _rusage_cpu_s(resource.RUSAGE_SELF) - self_before
+    # the run's processes as sampled (Ray's daemons and workers included), or as reaped, whichever saw more
+    own_s = max(sampler.cpu_s, _rusage_cpu_s(resource.RUSAGE_CHILDREN) - children_before)
+    other_s = max(busy_s - own_s - sampler_s, 0.0)
     left, linger_s = _reap(sampler, process)
     return {
         "wall_s": wall_s,
@@ -641,8 +658,9 @@ def measure_process(
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
         "cpu_s": own_s,
-        "other_cpu_s": max(busy_s - own_s, 0.0),
-        "other_cpu_share": max(busy_s - own_s, 0.0) / (wall_s * (os.cpu_count() or 1)),
+        "sampler_cpu_s": sampler_s,
+        "other_cpu_s": other_s,
+        "other_cpu_share": other_s / (wall_s * (os.cpu_count() or 1)),
         "linger_s": linger_s,
         "killed_leftovers": left,
     }
@@ -658,10 +676,10 @@ def _busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_s() -> float:
-    """CPU seconds of this process (the sampler) and of its exited, reaped children and their reaped descendants."""
-    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+def _rusage_cpu_s(who: int) -> float:
+    """CPU seconds of this process (RUSAGE_SELF: the sampler) or of its reaped children and their reaped descendants."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _reap(sampler: TreeSampler, process: subprocess.Popen[bytes]) -> tuple[list[int], float]:
