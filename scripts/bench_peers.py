@@ -160,8 +160,9 @@ WORKLOAD_DIFFERENCES = [
     "restarts every round and the batch order is drawn per round; mhd-sim and raw keep each client's "
     "model, momentum and shuffled order across rounds. The arithmetic per step is the same",
     "the data are generated with the same sizes and distribution (class prototypes ~ N(0, 1), noise 2.5) "
-    "but not the same samples: mhd-sim draws with its own seeded streams (sim/data/builtin.py), raw and "
-    "Flower with this script's generator. Time and memory do not depend on the values",
+    "but not the same samples: mhd-sim draws with its own seeded streams (sim/data/builtin.py) and "
+    "standardises the pixels, raw and Flower use this script's generator, unstandardised. Time and memory "
+    "do not depend on the values; the accuracies are a sanity check only",
     "parallelism: Flower runs two client actors (Ray, client_resources num_cpus=1 on a 2-CPU Ray, torch "
     "threads as Ray sets them: 1), mhd-sim its default two actors with one torch thread each, raw one "
     "process with --raw-threads torch threads (default 1, i.e. one core: with 2 intra-op threads the raw "
