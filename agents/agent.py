@@ -70,9 +70,14 @@ class PublicData:
     test_y: np.ndarray  # [N_test] int64
     eval_rows: np.ndarray  # [n] sorted test rows evaluated during training (stratified, seeded); all for a final one
 
+    @property
+    def evaluates_subset(self) -> bool:
+        """Whether evaluations during training see fewer rows than the whole test set."""
+        return len(self.eval_rows) < len(self.test_y)
+
     def test_set(self, full: bool) -> tuple[np.ndarray, np.ndarray]:
         """The whole test set, or the subset evaluated during training (the same rows for every agent)."""
-        if full or len(self.eval_rows) == len(self.test_y):
+        if full or not self.evaluates_subset:
             return self.test_x, self.test_y
         return self.test_x[self.eval_rows], self.test_y[self.eval_rows]
 

@@ -174,9 +174,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     class_counts = class_count_matrix(split.private.y, parts, splits.num_classes)
     graph = settings.graph if method.exchanges else nx.create_empty_copy(settings.graph)  # no messages, no edges
     models = _model_configs(cfg, splits, method, settings.backbones)
+    shard_bytes = max(len(part) for part in parts) * split.private.x[:1].nbytes  # the largest shard, not copied
     for model in dict.fromkeys(models):  # each distinct architecture once
         parameters = _check_model_builds(model)
-        shard_bytes = max(split.private.x[part].nbytes for part in parts)
         need = parameters * 4 * PARAMETER_COPIES + shard_bytes  # float32
         check_population_fits(num_agents, need, settings.runtime, "weights, gradients, optimizer state and its shard")
     neighbours = in_neighbours(graph)

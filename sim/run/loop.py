@@ -93,15 +93,15 @@ def run_rounds(
         for sink in sinks:
             sink.rewind(state.next_round)
     else:
-        exchange.start(backend)
-        if checkpoints.every > 0:
-            faults.arm(backend, "save", 0)
-            try:
+        try:  # before the first checkpoint there is nothing to roll back to
+            exchange.start(backend)
+            if checkpoints.every > 0:
+                faults.arm(backend, "save", 0)
                 checkpoints.store.save(backend, state)
-            except WorkerLostError:
-                raise RecoveryFailedError(
-                    "an agent worker died before the first checkpoint was written: start the run again"
-                ) from None
+        except WorkerLostError:
+            raise RecoveryFailedError(
+                "an agent worker died before the first checkpoint was written: start the run again"
+            ) from None
     setup_s = time.perf_counter() - started
     with StopRequests() as stop:
         while state.next_round < experiment.rounds:
@@ -269,10 +269,9 @@ def final_summary(
 def evaluation_facts(experiment: Experiment) -> dict[str, Any]:
     """What each evaluation measured: a subset of the test set during training, all of it at the end."""
     public = experiment.public
-    subset = len(public.eval_rows) < len(public.test_y)
     return {
         "during_training_test_samples": len(public.eval_rows),
-        "during_training": "stratified seeded subset" if subset else "whole test set",
+        "during_training": "stratified seeded subset" if public.evaluates_subset else "whole test set",
         "final_test_samples": len(public.test_y),
         "final": "whole test set",
     }

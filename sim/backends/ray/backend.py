@@ -123,7 +123,7 @@ class RayBackend(Backend):
         """
         if not indices:
             return
-        public_ref = ray.put(self.public)  # one copy for every actor set up now, freed once they have copied it
+        public_ref = ray.put(self.public)  # one copy for every actor set up now; they keep reading it in place
         try:
             self._get([self.actors[index].setup.remote(self.payloads[index], public_ref) for index in indices])
         except NodeDataError as error:  # a node lacks the data its agents need: bad input, named
