@@ -26,7 +26,7 @@ from agents.faults import ArmedFaults
 from agents.group import AgentGroup, Bundle
 from agents.hosting import build_group
 from agents.messages import EvalCounts
-from agents.weight_sharing import Mixing, WeightBundle, WeightShare, server_average
+from agents.weight_sharing import Mixing, WeightBundle
 
 
 class WorkerRestartedError(RuntimeError):
@@ -91,15 +91,8 @@ class AgentGroupActor:
         return {agent_id: share.nbytes for agent_id, share in bundle.items()}, ray.put(bundle)
 
     def mix_weights(self, mixing: Mixing, *incoming: WeightBundle) -> None:
-        """Gossip: Ray resolved `incoming` from the references the driver routed here."""
+        """Ray resolved `incoming` from the references the driver routed here."""
         self.group.mix_weights(mixing, incoming)
-
-    def server_average(self, *bundles: WeightBundle) -> ray.ObjectRef:
-        """FedAvg's server, played by this actor: a reference to the shard-size-weighted mean."""
-        return ray.put(server_average(bundles))
-
-    def load_average(self, average: WeightShare) -> None:
-        self.group.load_average(average)
 
     def save(self, directory: str) -> None:
         """Agents write their own state to the run directory (never through the driver)."""

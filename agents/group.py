@@ -72,7 +72,7 @@ class AgentGroup:
         return {agent_id: share_weights(agent, round_idx) for agent_id, agent in self.agents.items()}
 
     def mix_weights(self, mixing: Mixing, incoming: Iterable[WeightBundle]) -> None:
-        """Gossip: every hosted agent with a row in `mixing` loads the weighted mean of its senders.
+        """Every hosted agent with a row in `mixing` loads the weighted mean of its senders (gossip, FedAvg).
 
         `incoming` must hold the shares of every sender in those rows (this group's own too);
         every mean is computed before any agent's weights change.
@@ -80,11 +80,6 @@ class AgentGroup:
         hosted = [agent_id for agent_id in self.agents if agent_id in mixing]
         for agent_id, tensors in mix(mixing, hosted, incoming).items():
             load_weights(self.agents[agent_id], tensors)
-
-    def load_average(self, average: WeightShare) -> None:
-        """FedAvg: every hosted agent starts the next round from the server's average."""
-        for agent in self.agents.values():
-            load_weights(agent, average.tensors)
 
     def evaluate(self, full: bool) -> dict[int, EvalCounts]:
         """Test-set counts per agent id: on the whole test set, or on its evaluation subset."""

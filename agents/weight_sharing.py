@@ -29,15 +29,13 @@ import torch
 
 from agents.agent import Agent
 
-SERVER = -1
-"""Sender id of FedAvg's average: the server is not an agent."""
-
 INITIAL_ROUND = -1
 """Round index of weights shared before any training (the common starting point)."""
 
 Mixing = Mapping[int, tuple[tuple[int, float], ...]]
-"""Gossip weights: agent id -> ((sender id, weight), ...) in sender order, the agent itself
-included; each row sums to 1 (sim/experiment/mixing.py builds them from the graph)."""
+"""Who averages whose weights: agent id -> ((sender id, weight), ...) in sender order; each row
+sums to 1. Gossip's rows list the agent and its in-neighbours (sim/experiment/mixing.py builds
+them from the graph); FedAvg's row is every agent weighted by shard size, the same for all."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +43,9 @@ class WeightShare:
     """One model's weights, sent to a server or to out-neighbours. NOT privacy-preserving.
 
     Attributes:
-        sender: agent id, or SERVER for FedAvg's average.
+        sender: agent id.
         round_idx: the round whose local training produced the weights (INITIAL_ROUND: none yet).
-        num_samples: the sender's private shard size (FedAvg's weight); the population's for SERVER.
+        num_samples: the sender's private shard size (FedAvg weighs shares by it).
         tensors: state-dict name -> float32 numpy array (parameters and float buffers).
     """
 
@@ -105,23 +103,21 @@ def weighted_average(weighted: Sequence[tuple[WeightShare, float]]) -> dict[str,
     return {name: total.astype(np.float32) for name, total in sums.items()}
 
 
-def server_average(bundles: Iterable[WeightBundle]) -> WeightShare:
-    """FedAvg's server step: the shard-size-weighted mean of every agent's share, in sender order."""
-    shares = sorted((share for bundle in bundles for share in bundle.values()), key=lambda share: share.sender)
-    total = sum(share.num_samples for share in shares)
-    tensors = weighted_average([(share, share.num_samples / total) for share in shares])
-    return WeightShare(SERVER, shares[0].round_idx, total, tensors)
-
-
 def mix(mixing: Mixing, agent_ids: Iterable[int], incoming: Iterable[WeightBundle]) -> dict[int, dict[str, np.ndarray]]:
-    """Gossip: each of `agent_ids`' rows of `mixing` applied to the shares found in `incoming`."""
+    """Each of `agent_ids`' rows of `mixing` applied to the shares found in `incoming`.
+
+    Equal rows are computed once: under FedAvg every row is the same shard-size-weighted mean
+    of everyone (a server's average, computed by each worker instead of a server).
+    """
     by_sender: dict[int, WeightShare] = {}
     for bundle in incoming:
         by_sender.update(bundle)
-    return {
-        agent_id: weighted_average([(by_sender[sender], weight) for sender, weight in mixing[agent_id]])
-        for agent_id in agent_ids
-    }
+    means: dict[tuple[tuple[int, float], ...], dict[str, np.ndarray]] = {}
+    for agent_id in agent_ids:
+        row = tuple(mixing[agent_id])
+        if row not in means:
+            means[row] = weighted_average([(by_sender[sender], weight) for sender, weight in row])
+    return {agent_id: means[tuple(mixing[agent_id])] for agent_id in agent_ids}
 
 
 def load_weights(agent: Agent, tensors: Mapping[str, np.ndarray]) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from agents import weight_sharing
 from agents.model import MultiHeadModel
 from sim.backends import create_backend
 from sim.backends.serial import SerialBackend
@@ -25,7 +26,7 @@ from sim.experiment.methods import METHODS
 from sim.experiment.mixing import metropolis_hastings, uniform
 from sim.reporting.loggers import Sink
 from sim.run.checkpoint import CheckpointStore
-from sim.run.exchange import EXCHANGES, build_exchange
+from sim.run.exchange import EXCHANGES, FedAvgExchange, build_exchange
 from sim.run.interrupt import RunInterrupted
 from sim.run.loop import CheckpointPolicy, group_plans, run_rounds
 from sim.run.main import run
@@ -61,7 +62,7 @@ def test_a_fedavg_round_leaves_every_agent_with_the_shard_weighted_mean() -> Non
     backend.run_round(0, publish=False)
     before = _weights(backend)
     assert not np.array_equal(before[0]["heads.weight"], before[1]["heads.weight"])
-    uploads = backend.average_weights(0)
+    uploads = backend.mix_weights(0, FedAvgExchange(experiment).mixing)
     after = _weights(backend)
     total = sum(sizes.values())
     for name in before[0]:
@@ -73,13 +74,26 @@ def test_a_fedavg_round_leaves_every_agent_with_the_shard_weighted_mean() -> Non
     assert uploads == {agent: values * 4 for agent in sizes}  # float32
 
 
+def test_fedavg_rows_are_one_average_computed_once_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg's rows are all the same, so a worker averages once, not once per agent it hosts."""
+    experiment, backend = _started("method=fedavg")
+    mixing = FedAvgExchange(experiment).mixing
+    assert len(set(mixing.values())) == 1 and len(mixing) == experiment.num_agents
+    calls = []
+    original = weight_sharing.weighted_average
+    monkeypatch.setattr(weight_sharing, "weighted_average", lambda weighted: calls.append(1) or original(weighted))
+    backend.run_round(0, publish=False)
+    backend.mix_weights(0, mixing)
+    assert len(calls) == len(backend.groups)
+
+
 def test_batch_norm_statistics_are_averaged_and_its_counter_stays_local() -> None:
-    _, backend = _started("method=fedavg", "backbone=resnet8", "train.local_steps=1")
+    experiment, backend = _started("method=fedavg", "backbone=resnet8", "train.local_steps=1")
     backend.run_round(0, publish=False)
     before = _weights(backend)
     assert any(name.endswith("running_var") for name in before[0])
     assert not any(name.endswith("num_batches_tracked") for name in before[0])
-    backend.average_weights(0)
+    backend.mix_weights(0, FedAvgExchange(experiment).mixing)
     after = _weights(backend)
     for name in (name for name in before[0] if name.endswith(("running_mean", "running_var"))):
         assert not np.array_equal(before[0][name], before[1][name])

@@ -77,21 +77,16 @@ class Backend(ABC):
         `publish=False` skips predicting (the last round, or a method without messages).
         """
 
-    # The weight-sharing baselines (method=fedavg, gossip) only: these move WEIGHTS between agents.
-
-    @abstractmethod
-    def average_weights(self, round_idx: int) -> dict[int, int]:
-        """FedAvg: every agent's weights, averaged by shard size, become every agent's weights.
-
-        Called after round `round_idx`'s training. Returns the bytes of each agent's upload.
-        """
+    # The weight-sharing baselines (method=fedavg, gossip) only: this moves WEIGHTS between agents.
 
     @abstractmethod
     def mix_weights(self, round_idx: int, mixing: Mixing) -> dict[int, int]:
-        """Gossip: every agent in `mixing` loads the weighted mean of its row's senders' weights.
+        """Every agent in `mixing` loads the weighted mean of its row's senders' weights.
 
-        All agents' weights after round `round_idx` are taken before any agent's change.
-        Returns the bytes of each sender's share.
+        The one way weights cross agents: gossip's rows name in-neighbours; FedAvg's rows are
+        all the same (every agent, weighted by shard size), and each worker computes a row it
+        sees more than once only once. All agents' weights after round `round_idx` are taken
+        before any agent's change. Returns the bytes of each sender's share.
         """
 
     @abstractmethod

@@ -9,7 +9,7 @@ from agents.agent import ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
 from agents.hosting import build_group
 from agents.messages import EvalCounts
-from agents.weight_sharing import Mixing, WeightBundle, server_average
+from agents.weight_sharing import Mixing, WeightBundle
 from sim.backends.base import Backend, GroupPlan
 
 
@@ -37,13 +37,6 @@ class SerialBackend(Backend):
             outgoing.append(bundle)
         self.bundles = outgoing
         return metrics
-
-    def average_weights(self, round_idx: int) -> dict[int, int]:
-        uploads = [group.export_weights(round_idx) for group in self.groups]
-        average = server_average(uploads)
-        for group in self.groups:
-            group.load_average(average)
-        return share_bytes(uploads)
 
     def mix_weights(self, round_idx: int, mixing: Mixing) -> dict[int, int]:
         shares = [group.export_weights(round_idx) for group in self.groups]  # all, before any mixes

@@ -17,7 +17,7 @@ weights that sum to 1. After local training, agent i's new weights are sum_j W_i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import networkx as nx
 
@@ -52,3 +52,14 @@ def uniform(graph: nx.DiGraph) -> Mixing:
         senders = sorted([agent, *_in_neighbours(graph, agent)])
         mixing[agent] = tuple((sender, 1.0 / len(senders)) for sender in senders)
     return mixing
+
+
+def shard_weighted_mean(shard_sizes: Mapping[int, int]) -> Mixing:
+    """FedAvg's average as mixing rows: every agent gets sum_j (n_j / n) x_j, the same row for all.
+
+    The graph plays no part (McMahan et al. 2017 average through a server); the backend
+    computes the shared row once per worker.
+    """
+    total = sum(shard_sizes.values())
+    row = tuple((agent, size / total) for agent, size in sorted(shard_sizes.items()))
+    return dict.fromkeys(sorted(shard_sizes), row)

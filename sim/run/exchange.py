@@ -4,7 +4,8 @@
     predictions  mhd, mean_teacher: logits on the next public batch, on every graph edge, in
                  every round but the last (the round loop delivers them in the next round)
     fedavg       shares WEIGHTS: every agent uploads its weights to a server, which averages them
-                 weighted by shard size; every agent downloads the average (a star: 2 links per agent)
+                 weighted by shard size; every agent downloads the average (a star: 2 links per agent).
+                 Simulated as mixing rows that are all that average (sim/experiment/mixing.py)
     gossip       shares WEIGHTS: every agent sends its weights on each out-edge of the graph and
                  replaces its own by the mixing-weighted mean of its own and its in-neighbours'
 
@@ -25,7 +26,7 @@ from agents.weight_sharing import INITIAL_ROUND
 from sim.backends import Backend
 from sim.core.errors import ConfigError
 from sim.core.registry import Registry
-from sim.experiment.mixing import MIXING_RULES
+from sim.experiment.mixing import MIXING_RULES, shard_weighted_mean
 from sim.reporting.metrics import round_bytes
 
 if TYPE_CHECKING:
@@ -110,8 +111,12 @@ class WeightExchange(Exchange):
 
 @EXCHANGES.register("fedavg")
 class FedAvgExchange(WeightExchange):
+    def __init__(self, experiment: Experiment) -> None:
+        super().__init__(experiment)
+        self.mixing = shard_weighted_mean({spec.agent_id: len(spec.private_y) for spec in experiment.specs})
+
     def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
-        uploads = backend.average_weights(round_idx)
+        uploads = backend.mix_weights(round_idx, self.mixing)
         return 2 * sum(uploads.values())  # each agent's upload, and its download of an equal-sized average
 
     def link_rounds(self) -> int:

@@ -191,13 +191,6 @@ class RayBackend(Backend):
         self.bundle_refs = [bundle_ref for _, bundle_ref in results]
         return metrics
 
-    def average_weights(self, round_idx: int) -> dict[int, int]:
-        """Shares travel actor -> server (actor 0) -> every actor as references, never via the driver."""
-        uploads, refs = self._export_weights(range(len(self.actors)), round_idx)
-        (average,) = self._get([self.actors[0].server_average.remote(*refs.values())])
-        self._get([actor.load_average.remote(average) for actor in self.actors])
-        return uploads
-
     def mix_weights(self, round_idx: int, mixing: Mixing) -> dict[int, int]:
         """Each actor gets references to its agents' senders' shares, routed as predictions are."""
         group_of = {spec.agent_id: index for index, plan in enumerate(self.plans) for spec in plan.specs}
