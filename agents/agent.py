@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,31 @@ def shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array).to(device)
+
+
+def count_correct(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    test: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+    shape: tuple[int, int, int],
+    device: torch.device,
+) -> list[EvalCounts]:
+    """Per-head, per-class correct counts of A models on a test set, `batch_size` images at a time.
+
+    `predict` maps a batch [b, C, H, W] on `device` to every model's predicted classes
+    [A, heads, b]: one agent's forward pass (A = 1) or a vectorised group's
+    (agents/vectorized.py), so both count the same way. `shape` is (A, heads, classes).
+    Counting stays on the device; only the small count arrays come back.
+    """
+    test_x, test_y = test
+    correct = torch.zeros(shape, dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        for start in range(0, len(test_y), batch_size):
+            x = shared_tensor(test_x[start : start + batch_size], device)
+            y = shared_tensor(test_y[start : start + batch_size], device)
+            correct.index_add_(2, y, (predict(x) == y).long())
+    seen = np.bincount(test_y, minlength=shape[2]).astype(np.int64)
+    return [EvalCounts(counts, seen.copy()) for counts in correct.cpu().numpy()]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -319,23 +344,17 @@ class Agent:
 
     def evaluate(self, full: bool) -> EvalCounts:
         """Per-head, per-class correct counts on the global test set (`full`) or its evaluation subset."""
-        num_classes = self.model.num_classes
-        correct = np.zeros((self.model.num_heads, num_classes), dtype=np.int64)
-        test_x, test_y = self.public.test_set(full)
         self.model.eval()
         self._condition_for_inference()
-        with torch.inference_mode():
-            for start in range(0, len(test_y), self.spec.train.eval_batch_size):
-                x = shared_tensor(test_x[start : start + self.spec.train.eval_batch_size], self.device)
-                y = test_y[start : start + self.spec.train.eval_batch_size]
-                with self.autocast():
-                    logits = self.forward(x.contiguous(memory_format=self.memory_format))[0]  # [heads, b, C]
-                predicted = logits.argmax(dim=-1).cpu().numpy()  # [heads, b]
-                for head in range(self.model.num_heads):
-                    hits = y[predicted[head] == y]
-                    correct[head] += np.bincount(hits, minlength=num_classes)
-        seen = np.bincount(test_y, minlength=num_classes).astype(np.int64)
-        return EvalCounts(correct, seen)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                logits = self.forward(x.contiguous(memory_format=self.memory_format))[0]  # [heads, b, C]
+            return logits.argmax(dim=-1)[None]  # [1, heads, b]
+
+        shape = (1, self.model.num_heads, self.model.num_classes)
+        test = self.public.test_set(full)
+        return count_correct(predict, test, self.spec.train.eval_batch_size, shape, self.device)[0]
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast when `runtime.bf16` (a no-op context otherwise)."""

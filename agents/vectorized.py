@@ -29,7 +29,6 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch import Tensor
@@ -41,7 +40,7 @@ from agents.agent import (
     ExecutionConfig,
     PublicData,
     TrainConfig,
-    shared_tensor,
+    count_correct,
 )
 from agents.group import AgentGroup, Bundle
 from agents.losses import EMBEDDING_TERM, mhd_terms, weighted_total
@@ -264,20 +263,17 @@ class VectorizedAgentGroup(AgentGroup):
         """
         agents = list(self.agents.values())
         params = stack_parameters(agents)
-        test_x, test_y = self.template.public.test_set(full)
-        heads, classes = self.base.num_heads, self.base.num_classes
-        correct = torch.zeros(len(agents), heads, classes, dtype=torch.int64, device=self.device)
         chunk = max(1, self.template.spec.train.eval_batch_size // len(agents))
+        shape = (len(agents), self.base.num_heads, self.base.num_classes)
         self.base.eval()
-        with torch.inference_mode():
-            for start in range(0, len(test_y), chunk):
-                x = shared_tensor(test_x[start : start + chunk], self.device)  # [b, C, H, W]
-                y = shared_tensor(test_y[start : start + chunk], self.device)  # [b]
-                predicted = self._forward_shared(params, x)[0].argmax(dim=-1)  # [A, heads, b]
-                correct.index_add_(2, y, (predicted == y).long())
-        seen = np.bincount(test_y, minlength=classes).astype(np.int64)
-        counts = correct.cpu().numpy()
-        return {agent.agent_id: EvalCounts(counts[i], seen.copy()) for i, agent in enumerate(agents)}
+        counts = count_correct(
+            lambda x: self._forward_shared(params, x)[0].argmax(dim=-1),  # [A, heads, b]
+            self.template.public.test_set(full),
+            chunk,
+            shape,
+            self.device,
+        )
+        return {agent.agent_id: agent_counts for agent, agent_counts in zip(agents, counts, strict=True)}
 
     def _forward_shared(self, params: Stacked, x: Tensor) -> tuple[Tensor, Tensor]:
         """All agents' models on one batch x [N, C, H, W] -> ([A, heads, N, C], [A, N, D])."""
