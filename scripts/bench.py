@@ -111,7 +111,7 @@ class RawLoop:
         execution = execution_config(runtime, threads)
         self.threads = threads
         self.agents = [Agent(spec, experiment.public, execution) for spec in experiment.specs]
-        distill = experiment.method.distill
+        distill = experiment.settings.method.distill
         include_self = distill is not None and distill.include_self
         graph = experiment.graph
         self.publishers = [agent for agent in self.agents if include_self or graph.out_degree(agent.agent_id) > 0]
@@ -300,7 +300,7 @@ def measure(mode: str, overrides: list[str], cores: int, burn_in: int, rounds: i
     loop = start_loop(mode, experiment, cores)
     startup_s = time.perf_counter() - tick
     try:
-        publish = experiment.method.exchanges
+        publish = experiment.settings.method.exchanges
         pss = [pss_snapshot(loop.worker_pids())]
         for round_idx in range(burn_in):
             loop.run_round(round_idx, publish)

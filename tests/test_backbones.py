@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from agents.backbones import BACKBONES, Backbone, build_backbone
 from sim.core.errors import ConfigError
-from sim.experiment.assembly import MIXED_BACKBONES
+from sim.experiment.backbones import MIXED_BACKBONES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 INPUT_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]  # sklearn digits, MNIST, CIFAR

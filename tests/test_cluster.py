@@ -43,7 +43,8 @@ from sim.backends.ray.cluster import (
     shipped_code,
 )
 from sim.core.errors import ConfigError
-from sim.experiment.assembly import build_experiment, runtime_config
+from sim.experiment.assembly import build_experiment
+from sim.experiment.settings import runtime_config
 from sim.run.main import run
 from tests.conftest import TINY, make_config
 

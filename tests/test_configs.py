@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sim.experiment.assembly import check_config
 from sim.experiment.methods import METHODS
+from sim.experiment.settings import check_config
 from sim.reporting.loggers import LOGGERS
 from tests.conftest import make_config
 

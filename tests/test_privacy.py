@@ -121,7 +121,7 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
     try:
         backend.start(group_plans(experiment, groups), experiment.public)
         round_idx = 0
-        while round_idx < experiment.rounds:
+        while round_idx < experiment.settings.rounds:
             if round_idx == 3 and not store.latest():
                 store.save(backend, LoopState(next_round=3))
                 os.kill(backend.describe()["pids"][0], signal.SIGKILL)  # type: ignore[index]
@@ -142,7 +142,7 @@ def test_only_predictions_and_numbers_cross_actor_boundaries(ray_session: None, 
     finally:
         backend.shutdown()
     # every agent's prediction of every round, plus the 4 re-sent after the restore
-    assert audited_predictions == experiment.num_agents * (experiment.rounds + 1)
+    assert audited_predictions == experiment.num_agents * (experiment.settings.rounds + 1)
     # the search finds a private sample where one was put: in the float16 logits, or as float32 embeddings
     planted = 5
     for message in _with_planted_sample(audited[0], private.samples[planted]):

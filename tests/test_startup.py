@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER_IMPORTS = """
 import json, sys
 from tests.conftest import make_config
-from sim.experiment.assembly import build_experiment, check_config
+from sim.experiment.assembly import build_experiment
+from sim.experiment.settings import check_config
 import sim.run.cli
 cfg = make_config()
 check_config(cfg)

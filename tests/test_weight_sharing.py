@@ -21,9 +21,10 @@ from agents.model import MultiHeadModel
 from sim.backends import create_backend
 from sim.backends.serial import SerialBackend
 from sim.core.errors import ConfigError
-from sim.experiment.assembly import Experiment, build_experiment, check_config
+from sim.experiment.assembly import Experiment, build_experiment
 from sim.experiment.methods import METHODS
 from sim.experiment.mixing import metropolis_hastings, uniform
+from sim.experiment.settings import check_config
 from sim.reporting.loggers import Sink
 from sim.run.checkpoint import CheckpointStore
 from sim.run.exchange import EXCHANGES, FedAvgExchange, build_exchange

@@ -36,8 +36,9 @@ class RecoveryFailedError(RuntimeError):
 class Workload(Protocol):
     """What a backend needs of an experiment to place and start it.
 
-    `sim.experiment.assembly.Experiment` is one; the backends name this protocol instead, so
-    they sit below the experiment layer (docs/design.md#layers).
+    `sim.experiment.assembly.Experiment` is one (its `runtime` and `num_agents` are its
+    settings'); the backends name this protocol instead, so they sit below the experiment
+    layer (docs/design.md#layers).
     """
 
     @property

@@ -76,7 +76,7 @@ class PredictionExchange(Exchange):
     """Predictions travel as the backend routes them; here they are only counted."""
 
     def __init__(self, experiment: Experiment) -> None:
-        self.rounds = experiment.rounds
+        self.rounds = experiment.settings.rounds
         self.edges = experiment.graph.number_of_edges()
         self.out_degree = dict(experiment.graph.out_degree())  # messages each agent puts on edges per round
 
@@ -99,10 +99,11 @@ class WeightExchange(Exchange):
             raise ConfigError(
                 "backbone",
                 sorted({model.backbone for model in models}),
-                f"one architecture for every agent: method={experiment.method_name} averages weights tensor by tensor",
+                f"one architecture for every agent: method={experiment.settings.method_name} averages weights "
+                "tensor by tensor",
             )
         self.agents = [spec.agent_id for spec in experiment.specs]
-        self.rounds = experiment.rounds
+        self.rounds = experiment.settings.rounds
 
     def start(self, backend: Backend) -> None:
         """Every agent starts from agent 0's initial weights, as FedAvg and D-PSGD assume."""
@@ -127,8 +128,8 @@ class FedAvgExchange(WeightExchange):
 class GossipExchange(WeightExchange):
     def __init__(self, experiment: Experiment) -> None:
         super().__init__(experiment)
-        assert experiment.method.mixing is not None  # the gossip builder always sets one
-        self.mixing = MIXING_RULES.get(experiment.method.mixing)(experiment.graph)
+        assert experiment.settings.method.mixing is not None  # the gossip builder always sets one
+        self.mixing = MIXING_RULES.get(experiment.settings.method.mixing)(experiment.graph)
         self.edges = experiment.graph.number_of_edges()
         self.out_degree = dict(experiment.graph.out_degree())
 
@@ -142,4 +143,4 @@ class GossipExchange(WeightExchange):
 
 def build_exchange(experiment: Experiment) -> Exchange:
     """The exchange step of the experiment's method."""
-    return EXCHANGES.get(experiment.method.exchange)(experiment)
+    return EXCHANGES.get(experiment.settings.method.exchange)(experiment)

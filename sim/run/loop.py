@@ -50,7 +50,7 @@ class CheckpointPolicy:
 
 def group_plans(experiment: Experiment, groups: list[list[int]]) -> list[GroupPlan]:
     """Attach to each group its specs and the groups that host its agents' in-neighbours."""
-    if experiment.method.central:
+    if experiment.settings.method.central:
         return [GroupPlan([experiment.specs[0]], [], False)]
     group_of = {agent_id: index for index, members in enumerate(groups) for agent_id in members}
     graph = experiment.graph
@@ -63,7 +63,7 @@ def group_plans(experiment: Experiment, groups: list[list[int]]) -> list[GroupPl
 
 
 def _include_self(experiment: Experiment) -> bool:
-    return experiment.method.distill is not None and experiment.method.distill.include_self
+    return experiment.settings.method.distill is not None and experiment.settings.method.distill.include_self
 
 
 def run_rounds(
@@ -78,12 +78,12 @@ def run_rounds(
     """Steps 1-6 above; returns the summary that was written to run_dir/summary.json."""
     started = time.perf_counter()
     exchange = build_exchange(experiment)  # before any worker: it may reject the config
-    faults = FaultSchedule(experiment.runtime.faults, len(plans), experiment.seed)  # a test tool; usually none
+    faults = FaultSchedule(experiment.runtime.faults, len(plans), experiment.settings.seed)  # a test tool; usually none
     recovery = Recovery(
         backend, checkpoints.store, faults, len(plans) * (experiment.runtime.max_actor_restarts + 1) + 1
     )
-    if experiment.method.shares_weights:
-        notice = f"method={experiment.method_name} shares WEIGHTS: a baseline, not privacy-preserving"
+    if experiment.settings.method.shares_weights:
+        notice = f"method={experiment.settings.method_name} shares WEIGHTS: a baseline, not privacy-preserving"
         print(f"mhd-sim: {notice}", file=sys.stderr)
     backend.start(plans, experiment.public)  # 1
     state = LoopState()
@@ -104,7 +104,7 @@ def run_rounds(
             ) from None
     setup_s = time.perf_counter() - started
     with StopRequests() as stop:
-        while state.next_round < experiment.rounds:
+        while state.next_round < experiment.settings.rounds:
             try:
                 state = run_round(experiment, backend, sinks, state, exchange, faults)  # 2, 3
                 due = checkpoints.every > 0 and state.next_round % checkpoints.every == 0
@@ -142,9 +142,9 @@ def run_round(
     elapsed = time.perf_counter() - tick
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
     evaluated, eval_s = None, 0.0
-    if (round_idx + 1) % experiment.eval_every == 0 or round_idx == experiment.rounds - 1:
+    if (round_idx + 1) % experiment.settings.eval_every == 0 or round_idx == experiment.settings.rounds - 1:
         faults.arm(backend, "evaluate", round_idx)
-        full = round_idx == experiment.rounds - 1  # the final numbers: every test sample
+        full = round_idx == experiment.settings.rounds - 1  # the final numbers: every test sample
         tick = time.perf_counter()
         counts = backend.evaluate(full)
         record["time/eval_s"] = eval_s = time.perf_counter() - tick
@@ -218,7 +218,7 @@ def evaluation_record(
     experiment: Experiment, counts: dict[int, EvalCounts], round_idx: int, round_record: dict[str, float], full: bool
 ) -> dict[str, Any]:
     """Per-agent and per-head accuracy after `round_idx` (1-based `round` in the record)."""
-    if experiment.method.central:  # one model stands for every agent, each with its own mix
+    if experiment.settings.method.central:  # one model stands for every agent, each with its own mix
         counts = {agent_id: counts[0] for agent_id in range(experiment.num_agents)}
     per_agent = agent_accuracies(counts, experiment.class_counts)
     return {
@@ -232,13 +232,13 @@ def evaluation_record(
 
 def _run_facts(experiment: Experiment) -> dict[str, Any]:
     return {
-        "method": experiment.method_name,
+        "method": experiment.settings.method_name,
         "dataset": experiment.dataset,
         "num_agents": experiment.num_agents,
-        "rounds": experiment.rounds,
-        "seed": experiment.seed,
+        "rounds": experiment.settings.rounds,
+        "seed": experiment.settings.seed,
         "num_edges": experiment.graph.number_of_edges(),
-        "shares_weights": experiment.method.shares_weights,  # fedavg, gossip: baselines, not private
+        "shares_weights": experiment.settings.method.shares_weights,  # fedavg, gossip: baselines, not private
     }
 
 
@@ -254,12 +254,12 @@ def final_summary(
         "round_time_s_mean": sum(state.round_times_s) / max(len(state.round_times_s), 1),
         "eval_time_s_total": state.eval_time_s,  # every evaluation's wall time (not in round_time_s)
         "comm_bytes_total": state.comm_bytes_total,
-        "comm_bytes_per_round": state.comm_bytes_total / experiment.rounds,
+        "comm_bytes_per_round": state.comm_bytes_total / experiment.settings.rounds,
         "comm_bytes_per_edge_per_round": per_edge_per_round(exchange, state.comm_bytes_total),
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
         "runtime": backend.describe(),
         "evaluation": evaluation_facts(experiment),
-        "convergence": convergence(state.eval_history, experiment.rounds, experiment.convergence),
+        "convergence": convergence(state.eval_history, experiment.settings.rounds, experiment.settings.convergence),
         # test_samples is None in a run resumed from a checkpoint of an older version
         "final": {key: last.get(key) for key in ("round", "test_samples", "heads", "per_agent")},
         **by_backbone(experiment, last["per_agent"]),
@@ -280,7 +280,7 @@ def evaluation_facts(experiment: Experiment) -> dict[str, Any]:
 def by_backbone(experiment: Experiment, per_agent: dict[str, Any]) -> dict[str, Any]:
     """For a mixed population: each agent's backbone and the per-head summary of each backbone."""
     names = {spec.agent_id: spec.model.backbone for spec in experiment.specs}
-    if experiment.method.central or len(set(names.values())) < 2:
+    if experiment.settings.method.central or len(set(names.values())) < 2:
         return {}
     groups: dict[str, AgentHeadAccuracy] = {}
     for agent_id, heads in per_agent.items():

@@ -59,7 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             write_run_files(run_dir, cfg, experiment)
         sinks += LOGGERS.get(str(cfg.logger.name))(plain_dict(cfg.logger), run_dir)
         for sink in sinks:
-            sink.start(plain_dict(cfg), experiment.rounds)
+            sink.start(plain_dict(cfg), experiment.settings.rounds)
         summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
         completed = True
     except RunInterrupted:

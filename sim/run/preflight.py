@@ -7,7 +7,7 @@ overrides as Hydra's main will, hydra.* ones included, so whatever main would re
 here first, as a ConfigError that names the override. It also rejects what would compose but
 break later (a removed key, a value in place of a group of keys, an unresolvable ${...}),
 checks that the output folder can be created, and runs the checks that need no data
-(`sim.run.main` names, `sim.experiment.assembly.check_config`).
+(`sim.run.main` names, `sim.experiment.settings.check_config`).
 
 Sweeps (--multirun) are checked one combination at a time, the same jobs that Hydra's basic
 sweeper launches. Hydra composes every job of a sweep before it launches the first, and a
@@ -37,7 +37,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
-from sim.experiment.assembly import check_config
+from sim.experiment.settings import check_config
 from sim.run.main import check_names
 
 CONFIG_MODULE = "conf"  # the packaged config tree, as sim/run/cli.py hands it to hydra.main
