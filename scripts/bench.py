@@ -57,7 +57,7 @@ from omegaconf import DictConfig
 from agents.agent import Agent
 from agents.messages import Prediction
 from sim.backends import create_backend
-from sim.backends.ray.placement import execution_config
+from sim.backends.runtime import execution_config
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import Experiment, build_experiment
 from sim.run.loop import group_plans

@@ -16,7 +16,7 @@ from typing import NoReturn
 import pytest
 import torch
 
-import sim.backends.ray.placement
+import sim.backends.runtime
 import sim.run.main
 from sim.core.errors import ConfigError
 from sim.data import idx
@@ -250,7 +250,7 @@ def test_a_population_that_cannot_fit_in_memory_is_refused_at_once(
     overrides: list[str], need: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Against a machine of 16 GiB, whatever this one has."""
-    monkeypatch.setattr(sim.backends.ray.placement, "machine_memory_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(sim.backends.runtime, "machine_memory_bytes", lambda: 16 * 2**30)
     monkeypatch.setattr(sim.run.main, "create_backend", forbidden)
     with pytest.raises(SystemExit) as exited, bad_input_exits(debug=False):
         sim.run.main.run(make_config(*TINY, "runtime.backend=serial", *overrides), Path("unused"))

@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from sim.backends.ray.cluster import ClusterConfig
-from sim.backends.ray.placement import Node, RuntimeConfig, plan_placement
+from sim.backends.ray.placement import Node, plan_placement
+from sim.backends.runtime import RuntimeConfig
 from sim.core.errors import ConfigError
 
 

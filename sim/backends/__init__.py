@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 
 from sim.backends.base import Backend, GroupPlan, Workload
-from sim.backends.ray.placement import execution_config
+from sim.backends.runtime import execution_config
 from sim.backends.serial import SerialBackend
 from sim.core.registry import Registry
 

@@ -18,7 +18,7 @@ from agents.weight_sharing import Mixing
 
 if TYPE_CHECKING:
     from sim.backends.ray.cluster import PrivateData
-    from sim.backends.ray.placement import RuntimeConfig
+    from sim.backends.runtime import RuntimeConfig
 
 
 class WorkerLostError(RuntimeError):

@@ -17,10 +17,7 @@ from omegaconf import DictConfig
 
 from agents.agent import AgentSpec, PublicData
 from sim.backends.ray.cluster import DataSource, PrivateData
-from sim.backends.ray.placement import (
-    RuntimeConfig,
-    check_population_fits,
-)
+from sim.backends.runtime import RuntimeConfig, check_population_fits
 from sim.core.errors import ConfigError
 from sim.core.seeding import derive_rng, derive_seed
 from sim.data.core import stratified_rows

@@ -17,13 +17,8 @@ from agents.agent import TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
 from sim.backends.faults import parse_faults
 from sim.backends.ray.cluster import cluster_config
-from sim.backends.ray.placement import (
-    MIN_AGENT_BYTES,
-    RuntimeConfig,
-    check_cluster_address,
-    check_gpus_exist,
-    check_population_fits,
-)
+from sim.backends.ray.placement import check_cluster_address
+from sim.backends.runtime import MIN_AGENT_BYTES, RuntimeConfig, check_gpus_exist, check_population_fits
 from sim.core.errors import ConfigError
 from sim.core.validation import (
     boolean,

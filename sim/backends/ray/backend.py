@@ -36,7 +36,8 @@ from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
 from sim.backends.base import Backend, GroupPlan, RecoveryFailedError, WorkerLostError, Workload
 from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
-from sim.backends.ray.placement import Node, Placement, RuntimeConfig, execution_config, plan_placement
+from sim.backends.ray.placement import Node, Placement, plan_placement
+from sim.backends.runtime import RuntimeConfig, execution_config
 from sim.core.errors import ConfigError
 
 
