@@ -59,7 +59,7 @@ def test_another_optimizer_class_replaces_the_base_kwargs() -> None:
 def test_the_hypertransformer_gets_its_own_learning_rate_by_default() -> None:
     """conf/backbone/hypertransformer.yaml lowers lr to 0.02 (0.05 collapsed agents under MHD)."""
     config = make_config(*TINY, "backbone=mixed", "backbone.pattern=[small_cnn,hypertransformer]")
-    trains = build_experiment(config).agent_train
+    trains = build_experiment(config).settings.agent_train
     assert [train.optimizer["lr"] for train in trains] == [config.train.optimizer.lr, 0.02] * 2
 
 
