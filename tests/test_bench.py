@@ -73,3 +73,27 @@ def test_bench_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
     assert report["modes"]["raw"]["round_vs_raw"] == 1.0
     assert len(report["modes"]["ray_one_per_actor"]["peak_rss_mib"]["workers"]) == 3  # one actor per agent
     assert "runtime.agents_per_actor=1" in report["modes"]["ray_one_per_actor"]["overrides"]
+
+
+def test_bench_eval_times_every_batch_size_and_writes_its_report(tmp_path: Path) -> None:
+    """scripts/bench_eval.py: one median per batch size and preset, the fastest named, the command kept."""
+    bench_eval = load_script("bench_eval")
+    out = tmp_path / "bench_eval.json"
+    argv = ["--presets=mnist_small_cnn", "--batch-sizes=16,64", "--repeats=2", f"--out={out}", "data.num_test=64"]
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("sys.argv", ["bench_eval.py", *argv])
+            bench_eval.main()
+    finally:
+        torch.set_num_threads(threads)  # the script pins one thread; later tests keep theirs
+    report = json.loads(out.read_text())
+    result = report["presets"]["mnist_small_cnn"]
+    assert result["test_images"] == 64
+    assert set(result["batch_sizes"]) == {"16", "64"}
+    for timing in result["batch_sizes"].values():
+        assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+    medians = {int(size): timing["median_s"] for size, timing in result["batch_sizes"].items()}
+    assert result["fastest"] == min(medians, key=medians.__getitem__)
+    assert report["command"].startswith("python scripts/bench_eval.py --presets=mnist_small_cnn")
+    assert report["threads"] == 1
