@@ -50,6 +50,7 @@ from sim.data.options import check_options
 from sim.data.partition import PARTITIONERS, class_count_matrix, partition
 from sim.experiment.convergence import ConvergenceRule, convergence_rule
 from sim.experiment.methods import METHODS, MethodPlan
+from sim.experiment.privacy import PrivacyPlan, check_privacy, plan_privacy, privacy_group
 from topologies import build_topology, in_neighbours
 
 MIXED_BACKBONES = "mixed"  # conf/backbone/mixed.yaml: per-agent backbones from a pattern
@@ -100,6 +101,7 @@ class Experiment(Settings):
     public: PublicData
     dataset: str
     private: PrivateData  # each spec's rows of the dataset, for actors that read them on their node
+    privacy: PrivacyPlan | None = None  # privacy=dp_sgd: every agent's noise, budget and accountant
 
 
 def evaluation_rows(test_y: np.ndarray, size: int | None, seed: int) -> np.ndarray:
@@ -133,6 +135,7 @@ def check_config(cfg: DictConfig) -> Settings:
     backbones = backbone_assignment(cfg.backbone, num_agents)
     _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
+    check_privacy(privacy_group(cfg), str(cfg.method.name), cfg.runtime)
     return Settings(
         num_agents=num_agents,
         rounds=positive_int("rounds", cfg.rounds),
@@ -194,6 +197,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         )
         for agent_id, part in enumerate(parts)
     ]
+    specs, privacy = plan_privacy(
+        check_privacy(privacy_group(cfg), settings.method_name, cfg.runtime), specs, settings.rounds
+    )
     if method.central:
         specs = [_central_spec(specs, seed)]
         parts = [np.concatenate(parts)]  # the central model's rows: every shard, in agent order
@@ -207,12 +213,19 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     )
     fixed = {field.name: getattr(settings, field.name) for field in fields(Settings)}
     fixed["graph"] = graph  # emptied for methods without messages
+    fixed["rounds"] = settings.rounds if privacy is None else privacy.rounds  # stop_run: the last round within budget
     private = PrivateData(
         DataSource(str(cfg.data.name), root, seed, _params(cfg.data, drop=DATA_SPLIT_KEYS), settings.public_size),
         {spec.agent_id: rows for spec, rows in zip(specs, parts, strict=True)},
     )
     return Experiment(
-        **fixed, class_counts=class_counts, specs=specs, public=public, dataset=splits.name, private=private
+        **fixed,
+        class_counts=class_counts,
+        specs=specs,
+        public=public,
+        dataset=splits.name,
+        private=private,
+        privacy=privacy,
     )
 
 
