@@ -24,6 +24,8 @@ from agents.privacy import DPSGD, PrivacyConfig, clip_factors, per_sample_gradie
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import Experiment, build_experiment, check_config
 from sim.experiment.privacy import prv_epsilon, rdp_epsilon
+from sim.reporting.loggers import privacy_line
+from sim.reporting.report import privacy_section
 from sim.run.main import run
 from tests.conftest import PLAIN_CPU, TINY, make_config
 
@@ -165,11 +167,14 @@ def test_a_budget_stops_the_agents_or_the_run_before_it_is_passed(tmp_path: Path
     if policy == "stop_run":
         assert summary["rounds"] == privacy["rounds"] == 2 and privacy["planned_rounds"] == 4
         assert privacy["stopped_sharing"] == []
+        assert privacy_line(privacy).endswith("run stopped after 2 of 4 rounds")
     else:
         assert summary["rounds"] == 4 and maxima[1] == maxima[2] == maxima[3]  # nothing spent once stopped
         assert privacy["stopped_sharing"] == [0, 1, 2, 3] and lines[1]["privacy"]["stopped_sharing"] == []
         rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
         assert [r["comm/bytes"] > 0 for r in rounds] == [True, True, False, False]
+        assert privacy_line(privacy).endswith("stopped sharing: agents 0, 1, 2, 3")
+    assert "epsilon" in privacy_section(summary)[-1]  # the report's per-agent table
 
 
 BAD_WITHOUT_DATA = [
