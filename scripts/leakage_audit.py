@@ -36,14 +36,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agents.agent import TrainingDivergedError
 from agents.messages import Prediction
 from sim.backends import create_backend
 from sim.core.seeding import derive_rng
@@ -56,8 +56,7 @@ NEAREST_PUBLIC = 5  # public images whose predictions stand in for a candidate's
 MAX_MEMBERS = 200  # candidates per agent and side (members, non-members)
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     label: str
     overrides: list[str]
 
@@ -92,8 +91,7 @@ def advantage(members: np.ndarray, others: np.ndarray) -> float:
     return float(max((tpr - fpr).max(), 0.0))
 
 
-@dataclass(frozen=True)
-class Candidates:
+class Candidates(NamedTuple):
     """One agent's membership candidates: its own samples and class-matched test samples."""
 
     members_x: torch.Tensor
@@ -191,7 +189,8 @@ def run_setting(setting: Setting, overrides: Sequence[str], rounds: int, every: 
     experiment = build_experiment(cfg)
     backend, groups = create_backend(experiment)
     pool = {spec.agent_id: candidates(experiment, spec.agent_id) for spec in experiment.specs}
-    history = []
+    history: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"setting": setting.label, "overrides": setting.overrides, "rounds": history}
     try:
         backend.start(group_plans(experiment, groups), experiment.public)
         for round_idx in range(experiment.rounds):
@@ -202,10 +201,14 @@ def run_setting(setting: Setting, overrides: Sequence[str], rounds: int, every: 
             if experiment.privacy is not None:
                 point["epsilon_max"] = experiment.privacy.record(metrics).get("privacy/epsilon_max")
             history.append(point)
-        accuracy = head_summary(agent_accuracies(backend.evaluate(full=True), experiment.class_counts))["main"]
+        result["main_head"] = head_summary(agent_accuracies(backend.evaluate(full=True), experiment.class_counts))[
+            "main"
+        ]
+    except TrainingDivergedError as error:  # too much noise for this optimizer: a result, not a crash
+        result["diverged"] = str(error)
     finally:
         backend.shutdown()
-    return {"setting": setting.label, "overrides": setting.overrides, "main_head": accuracy, "rounds": history}
+    return result
 
 
 COLUMNS = [
