@@ -229,6 +229,9 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         for point in result["rounds"]:
             cells = ["-" if point.get(key) is None else fmt.format(point[key]) for _, key, fmt in COLUMNS]
             lines.append(f"{result['setting']:<13} {point['round']:>5} " + " ".join(f"{cell:>7}" for cell in cells))
+        if "diverged" in result:
+            lines.append(f"{'':<13} diverged: {result['diverged']}")
+            continue
         accuracy = result["main_head"]
         lines.append(
             f"{'':<13} final main head: shared {accuracy['shared_acc']:.3f} private {accuracy['private_acc']:.3f}"
