@@ -29,6 +29,7 @@ from agents.losses import (
 )
 from agents.messages import EvalCounts, Prediction
 from agents.model import ModelConfig, MultiHeadModel, head_names
+from agents.privacy import DPSGD, PrivacyConfig, dp_train_step
 from agents.public import public_batch_indices
 
 
@@ -54,6 +55,7 @@ class AgentSpec:
     train: TrainConfig
     distill: DistillConfig | None  # None: the agent never distils (isolated, central)
     message_codec: CodecConfig  # wire format of outgoing predictions (agents/codecs.py)
+    privacy: PrivacyConfig | None = None  # DP-SGD on the private part of each step (agents/privacy.py); None: off
 
     def __post_init__(self) -> None:
         self.message_codec.check(self.model.num_classes)  # a ConfigError before any agent is built
@@ -176,6 +178,10 @@ class Agent:
         self.heads = head_names(self.model.num_heads)
         self.head_of_term = {head_term(name): head for head, name in enumerate(self.heads)}
         self.temperature = None if spec.distill is None else spec.distill.temperature
+        self.dp = None
+        self.stopped = False  # its privacy budget stopped it: no more private steps, nothing published
+        if spec.privacy is not None:
+            self.dp = DPSGD(spec.privacy, spec.seed, len(spec.private_y), spec.train.batch_size)
 
     # ---- training -------------------------------------------------------------------------
 
@@ -185,6 +191,9 @@ class Agent:
         The inbox holds in-neighbours' predictions on public batch `round_idx`, made at the end
         of the previous round (one round stale). Returns the mean of every loss term.
         """
+        self.stopped = self.dp is not None and not self.dp.allows_round(self.spec.train.local_steps)
+        if self.stopped:  # this round would pass its privacy budget (agents/privacy.py)
+            return self.privacy_metrics()
         targets = self.round_targets(round_idx, inbox)
         public_batch = self.public_batch(round_idx) if targets else None
         sums: dict[str, float] = {}
@@ -194,7 +203,14 @@ class Agent:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps = self.spec.train.local_steps
-        return self.checked_means(round_idx, {name: total / steps for name, total in sums.items()})
+        means = self.checked_means(round_idx, {name: total / steps for name, total in sums.items()})
+        return {**means, **self.privacy_metrics()}
+
+    def privacy_metrics(self) -> dict[str, float]:
+        """Private steps taken so far (the accountant's state) and whether the agent trained and shares this round."""
+        if self.dp is None:
+            return {}
+        return {"privacy/steps": float(self.dp.steps), "privacy/sharing": float(not self.stopped)}
 
     def checked_means(self, round_idx: int, means: dict[str, float]) -> dict[str, float]:
         """The round's mean losses, or TrainingDivergedError when the total is not finite."""
@@ -214,11 +230,17 @@ class Agent:
         x, y = self._next_private_batch()
         if public_batch is None:
             return x, y, None
-        pick = torch.randperm(len(public_batch), generator=self.generator)[: self.spec.train.distill_batch_size]
-        pick = pick.to(self.device)
+        pick = self.pick_public(public_batch)
         return torch.cat([x, public_batch[pick]]), y, pick
 
+    def pick_public(self, public_batch: torch.Tensor) -> torch.Tensor:
+        """`distill_batch_size` rows of the round's public batch, without replacement, from the agent's stream."""
+        pick = torch.randperm(len(public_batch), generator=self.generator)[: self.spec.train.distill_batch_size]
+        return pick.to(self.device)
+
     def _train_step(self, public_batch: torch.Tensor | None, targets: RoundTargets) -> dict[str, torch.Tensor]:
+        if self.dp is not None:
+            return dp_train_step(self, self.dp, public_batch, targets)
         x, y, pick = self.step_batch(public_batch)
         if self.support_size:  # an episode: support and query samples do not overlap
             self.model.backbone.condition(*self._draw_support(exclude=self._batch_index))
@@ -373,7 +395,9 @@ class Agent:
         Written only to the agent's own checkpoint storage; never sent to another agent.
         """
         published = self.last_published
+        privacy = {} if self.dp is None else {"privacy": self.dp.state_dict()}  # none: the file as before
         return {
+            **privacy,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -396,6 +420,8 @@ class Agent:
         self.generator.set_state(state["generator"])
         self._order = state["order"]
         self._cursor = state["cursor"]
+        if self.dp is not None:
+            self.dp.load_state_dict(state["privacy"])
         published = state["published"]
         self.last_published = None
         if published is not None:

@@ -51,6 +51,8 @@ class AgentGroup:
         outgoing: dict[int, Prediction] = {}
         if publish:
             for agent_id, agent in self.agents.items():
+                if agent.stopped:  # stopped by its privacy budget (agents/privacy.py)
+                    continue
                 outgoing[agent_id] = agent.predict(round_idx + 1)
                 metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
         return metrics, outgoing

@@ -25,6 +25,7 @@ from sim.data.datasets import load_dataset, split_public_private
 from sim.data.partition import class_count_matrix, partition
 from sim.experiment.backbones import check_model_builds, model_configs
 from sim.experiment.params import builder_params
+from sim.experiment.privacy import PrivacyPlan, check_privacy, plan_privacy, privacy_group
 from sim.experiment.settings import DATA_SPLIT_KEYS, Settings, check_config
 from topologies import in_neighbours
 
@@ -44,6 +45,7 @@ class Experiment:
     public: PublicData
     dataset: str
     private: PrivateData  # each spec's rows of the dataset, for actors that read them on their node
+    privacy: PrivacyPlan | None = None  # privacy=dp_sgd: every agent's noise, budget and accountant
 
     # What a backend needs (sim.backends.base.Workload) besides specs and private:
     @property
@@ -108,6 +110,11 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         )
         for agent_id, part in enumerate(parts)
     ]
+    specs, privacy = plan_privacy(
+        check_privacy(privacy_group(cfg), settings.method_name, cfg.runtime), specs, settings.rounds
+    )
+    if privacy is not None:  # on_budget_exhausted=stop_run: the last round within every agent's budget
+        settings = replace(settings, rounds=privacy.rounds)
     if method.central:
         specs = [_central_spec(specs, seed)]
         parts = [np.concatenate(parts)]  # the central model's rows: every shard, in agent order
@@ -125,7 +132,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         ),
         {spec.agent_id: rows for spec, rows in zip(specs, parts, strict=True)},
     )
-    return Experiment(settings, graph, class_counts, specs, public, splits.name, private)
+    return Experiment(settings, graph, class_counts, specs, public, splits.name, private, privacy)
 
 
 def _check_every_agent_has_data(parts: list[np.ndarray], partition_name: str) -> None:

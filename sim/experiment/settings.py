@@ -42,6 +42,7 @@ from sim.experiment.convergence import ConvergenceRule, convergence_rule
 from sim.experiment.methods import METHODS, MethodPlan
 from sim.experiment.optimizer import train_config
 from sim.experiment.params import builder_params
+from sim.experiment.privacy import check_privacy, privacy_group
 from topologies import build_topology
 
 # Keys of conf/data/*.yaml consumed here; the rest are options of the dataset loader.
@@ -95,6 +96,7 @@ def check_config(cfg: DictConfig) -> Settings:
     backbones = backbone_assignment(cfg.backbone, num_agents)
     _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
+    check_privacy(privacy_group(cfg), str(cfg.method.name), cfg.runtime)
     return Settings(
         num_agents=num_agents,
         rounds=positive_int("rounds", cfg.rounds),

@@ -120,6 +120,8 @@ class ConsoleSink(Sink):
         print(format_head_table(summary), flush=True)
         if "convergence" in summary:
             print(f"convergence: {summary['convergence']['note']}", flush=True)
+        if "privacy" in summary:
+            print(privacy_line(summary["privacy"]), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -139,6 +141,17 @@ def format_head_table(summary: dict[str, Any]) -> str:
         private = f"{row['private_acc']:.3f} {row['private_acc_min']:.3f} {row['private_acc_max']:.3f}"
         lines.append(f"{head:<6} {shared:>29} {private:>31}")
     return "\n".join(lines)
+
+
+def privacy_line(privacy: dict[str, Any]) -> str:
+    """The final console line of a privacy=dp_sgd run: epsilon over agents, and who stopped (docs/privacy.md)."""
+    epsilons = [value for value in (privacy["epsilon"] or {}).values() if value is not None]
+    spent = f"epsilon {min(epsilons):.2f}-{max(epsilons):.2f}" if epsilons else "no epsilon (not accounted)"
+    stopped = privacy["stopped_sharing"]
+    ended = f"; stopped sharing: agents {', '.join(map(str, stopped))}" if stopped else ""
+    if privacy["rounds"] < privacy["planned_rounds"]:
+        ended += f"; run stopped after {privacy['rounds']} of {privacy['planned_rounds']} rounds"
+    return f"privacy: dp_sgd, {spent} at delta={privacy['delta']:g}{ended}"
 
 
 PER_AGENT_COLUMNS = ("round", "agent", "head", "shared_acc", "private_acc")  # the wandb.Table per evaluation

@@ -32,6 +32,7 @@ from sim.reporting.aggregate import (
     table,
     write_comparison,
 )
+from sim.reporting.loggers import privacy_line
 from sim.reporting.rundir import Run, is_run_dir, load_run
 
 STYLE = """
@@ -116,6 +117,7 @@ def run_page(run: Run) -> str:
         "recovery": ", ".join(f"{key} {value}" for key, value in summary.get("recovery", {}).items()),
         "evaluation": evaluation_note(summary),
         "convergence": summary.get("convergence", {}).get("note", "not recorded (a run of an older version)"),
+        "privacy": privacy_line(summary["privacy"]) if "privacy" in summary else "none (privacy=none)",
     }
     head_rows = [
         [head, *(f"{row[f'{metric}{suffix}']:.3f}" for metric in ("shared_acc", "private_acc") for suffix in SPREAD)]
@@ -134,6 +136,7 @@ def run_page(run: Run) -> str:
         _table(["head", "shared mean", "min", "max", "private mean", "min", "max"], head_rows),
         "<h2>Plots</h2>",
         *(_figure(f"plots/{figure.file}", figure.caption) for figure in RUN_FIGURES),
+        *privacy_section(summary),
         "<h2>Final accuracy per agent</h2>",
         f"<details><summary>{len(agent_rows)} rows</summary>",
         _table(["agent", "head", "shared", "private"], agent_rows),
@@ -142,6 +145,31 @@ def run_page(run: Run) -> str:
         f"<pre>{html.escape(config_text)}</pre>",
     ]
     return _page(title, body)
+
+
+def privacy_section(summary: dict[str, Any]) -> list[str]:
+    """privacy=dp_sgd: the guarantee and each agent's epsilon (docs/privacy.md); nothing otherwise."""
+    privacy = summary.get("privacy")
+    if privacy is None:
+        return []
+    epsilon = privacy["epsilon"] or {}
+    stopped = set(privacy["stopped_sharing"])
+    rows = [
+        [
+            agent,
+            "-" if value is None else f"{value:.3f}",
+            str(privacy["budget_rounds"][agent]),
+            str(int(agent) in stopped),
+        ]
+        for agent, value in epsilon.items()
+    ]
+    return [
+        "<h2>Privacy</h2>",
+        f"<p>{html.escape(privacy['guarantee'])}; delta = {privacy['delta']:g}, accountant {privacy['accountant']}, "
+        f"sampling {privacy['sampling']}, clip norm {privacy['clip_norm']}, noise multiplier "
+        f"{html.escape(str(privacy['noise_multiplier']))}.</p>",
+        _table(["agent", "epsilon", "rounds within budget", "stopped sharing"], rows),
+    ]
 
 
 def write_sweep_report(directories: Sequence[Path], out: Path, ignore: Sequence[str] = ()) -> Path:

@@ -85,6 +85,8 @@ def run_rounds(
     if experiment.settings.method.shares_weights:
         notice = f"method={experiment.settings.method_name} shares WEIGHTS: a baseline, not privacy-preserving"
         print(f"mhd-sim: {notice}", file=sys.stderr)
+    for notice in [] if experiment.privacy is None else experiment.privacy.notices():
+        print(f"mhd-sim: {notice}", file=sys.stderr)
     backend.start(plans, experiment.public)  # 1
     state = LoopState()
     if resume_from is not None:
@@ -144,6 +146,8 @@ def run_round(
     evaluated, eval_s = None, 0.0
     if (round_idx + 1) % experiment.settings.eval_every == 0 or round_idx == experiment.settings.rounds - 1:
         faults.arm(backend, "evaluate", round_idx)
+        if experiment.privacy is not None:  # each agent's epsilon so far (docs/privacy.md)
+            record.update(experiment.privacy.record(metrics))
         full = round_idx == experiment.settings.rounds - 1  # the final numbers: every test sample
         tick = time.perf_counter()
         counts = backend.evaluate(full)
@@ -263,6 +267,7 @@ def final_summary(
         # test_samples is None in a run resumed from a checkpoint of an older version
         "final": {key: last.get(key) for key in ("round", "test_samples", "heads", "per_agent")},
         **by_backbone(experiment, last["per_agent"]),
+        **({} if experiment.privacy is None else experiment.privacy.summary(last)),
     }
 
 
