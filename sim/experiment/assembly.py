@@ -32,6 +32,7 @@ from sim.backends.ray.placement import (
     check_gpus_exist,
     check_population_fits,
 )
+from sim.backends.storage import storage_root
 from sim.core.config import plain_dict, to_plain
 from sim.core.errors import ConfigError
 from sim.core.seeding import derive_rng, derive_seed
@@ -235,6 +236,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         bf16=boolean("runtime.bf16", runtime.bf16),
         cluster=cluster_config(runtime),
         faults=parse_faults(runtime.faults),
+        storage=storage_root(runtime.storage),
     )
     if config.faults and config.backend != "ray":
         raise ConfigError(
