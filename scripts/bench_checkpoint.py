@@ -60,7 +60,8 @@ def main() -> None:
         size_mb = sum(saved.size(name) for name in saved.names()) / 1e6
     finally:
         backend.shutdown()
-        location.delete()
+        if storage is not None:
+            location.delete()
         shutil.rmtree(run_dir)
     result = {
         "overrides": args.overrides,
