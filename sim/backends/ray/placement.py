@@ -335,3 +335,9 @@ def check_population_fits(num_agents: int, bytes_per_agent: int, runtime: Runtim
             f"at most {memory // bytes_per_agent:,} on this machine ({memory / 2**30:.1f} GiB of memory): "
             f"each agent needs at least {bytes_per_agent / 2**20:.2f} MiB ({what})",
         )
+
+
+def requests_fit(requests: Sequence[ActorRequest], nodes: Sequence[Node]) -> bool:
+    """Whether all of `requests` fit on `nodes` at once (first fit, node by node; e.g. several sweep jobs' actors)."""
+    packing = _Packing(nodes)
+    return all(packing.place(request) for request in requests)
