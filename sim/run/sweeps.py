@@ -72,18 +72,11 @@ def _nodes(runtime: RuntimeConfig) -> list[Node]:
 
 
 def _cluster_nodes(runtime: RuntimeConfig) -> list[Node]:
-    """Asks the cluster once (Ray imported only here); memoised per address for the sweep's jobs."""
+    """Asks the cluster once per address for all the sweep's jobs."""
     if runtime.address not in _CLUSTERS:
-        import ray
+        from sim.backends.ray.backend import nodes_of  # Ray is imported there, and only for a parallel sweep
 
-        from sim.backends.ray.backend import cluster_nodes, connect_ray
-
-        started = connect_ray(runtime)
-        try:
-            _CLUSTERS[str(runtime.address)] = cluster_nodes()
-        finally:
-            if started:
-                ray.shutdown()
+        _CLUSTERS[str(runtime.address)] = nodes_of(runtime)
     return _CLUSTERS[str(runtime.address)]
 
 

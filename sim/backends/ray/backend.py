@@ -367,6 +367,16 @@ def connect_ray(runtime: RuntimeConfig) -> bool:
     return True
 
 
+def nodes_of(runtime: RuntimeConfig) -> list[Node]:
+    """The alive nodes of the cluster `runtime` attaches to, asked once (a parallel sweep sizes itself by them)."""
+    started = connect_ray(runtime)
+    try:
+        return cluster_nodes()
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def cluster_nodes() -> list[Node]:
     """The alive nodes of the connected cluster with their total resources."""
     return [
