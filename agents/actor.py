@@ -23,7 +23,7 @@ import ray
 
 from agents.agent import AgentSpec, ExecutionConfig, PublicData
 from agents.faults import ArmedFaults
-from agents.group import AgentGroup, Bundle
+from agents.group import AgentGroup, Bundle, StateDirectory
 from agents.hosting import build_group
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing, WeightBundle
@@ -94,18 +94,27 @@ class AgentGroupActor:
         """Ray resolved `incoming` from the references the driver routed here."""
         self.group.mix_weights(mixing, incoming)
 
-    def save(self, directory: str) -> None:
-        """Agents write their own state to the run directory (never through the driver)."""
+    def save(self, directory: StateDirectory) -> None:
+        """Agents write their own state to storage from this node (never through the driver)."""
         if "save" in self.armed:  # die mid-checkpoint: one file written, the rest not
             self.group.save(directory, agent_ids=list(self.group.agents)[:1])
             self.armed.die_if_armed("save")
         self.group.save(directory)
 
-    def restore(self, directory: str) -> ray.ObjectRef | None:
+    def restore(self, directory: StateDirectory) -> ray.ObjectRef | None:
         """Load agent states; returns a reference to the predictions they had in flight."""
         bundle = self.group.restore(directory)
         self.armed.die_if_armed("restore")
         return ray.put(bundle) if bundle else None
+
+    def probe_storage(self, directory: StateDirectory, name: str, token: bytes) -> tuple[str, str | None]:
+        """Write `token` as `name` for the driver to read back: (this node's IP, the error if the write failed)."""
+        node = ray.util.get_node_ip_address()
+        try:
+            directory.write_bytes(name, token)
+        except Exception as error:  # any reason the storage refuses this node: named in one line by the driver
+            return node, f"{type(error).__name__}: {' '.join(str(error).split())}"
+        return node, None
 
 
 RemoteAgentGroup = ray.remote(AgentGroupActor)

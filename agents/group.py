@@ -7,17 +7,30 @@ changes results: every agent draws from its own seeded stream.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from agents.agent import Agent, AgentSpec, ExecutionConfig, PublicData
 from agents.messages import EvalCounts, Prediction, check_metrics
 from agents.weight_sharing import Mixing, WeightBundle, WeightShare, load_weights, mix, share_weights
-from sim.core.atomic import write_then_rename
 
 Bundle = Mapping[int, Prediction]  # sender id -> its prediction on one public batch
+
+
+class StateDirectory(Protocol):
+    """Where a checkpoint's agent files go: a local or shared folder, or a prefix in object storage.
+
+    sim/backends/storage.py's StorageDir is the one the backends pass; it travels to the worker
+    as two strings and reaches the storage from the worker's own node. A write is all-or-nothing
+    for a reader (write-then-rename, or one whole object).
+    """
+
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+
+    def read_bytes(self, name: str) -> bytes: ...
 
 
 class AgentGroup:
@@ -87,17 +100,17 @@ class AgentGroup:
         """Test-set counts per agent id: on the whole test set, or on its evaluation subset."""
         return {agent_id: agent.evaluate(full) for agent_id, agent in self.agents.items()}
 
-    def save(self, directory: str, agent_ids: Iterable[int] | None = None) -> None:
-        """Write every agent's (or only `agent_ids`') state to `directory/agent_XXXXX.pt` (write-then-rename)."""
+    def save(self, directory: StateDirectory, agent_ids: Iterable[int] | None = None) -> None:
+        """Write every agent's (or only `agent_ids`') state to `directory` as agent_XXXXX.pt, one whole file each."""
         for agent_id in self.agents if agent_ids is None else agent_ids:
-            agent = self.agents[agent_id]
-            with write_then_rename(Path(directory) / agent_state_file(agent_id)) as partial:
-                torch.save(agent.state_dict(), partial)
+            buffer = io.BytesIO()
+            torch.save(self.agents[agent_id].state_dict(), buffer)
+            directory.write_bytes(agent_state_file(agent_id), buffer.getvalue())
 
-    def restore(self, directory: str) -> dict[int, Prediction]:
+    def restore(self, directory: StateDirectory) -> dict[int, Prediction]:
         """Load every agent's state; returns the predictions they had in flight (the bundle)."""
         for agent_id, agent in self.agents.items():
-            state = torch.load(Path(directory) / agent_state_file(agent_id), weights_only=True)
+            state = torch.load(io.BytesIO(directory.read_bytes(agent_state_file(agent_id))), weights_only=True)
             agent.load_state_dict(state)
         in_flight = {agent_id: agent.last_published for agent_id, agent in self.agents.items()}
         return {agent_id: message for agent_id, message in in_flight.items() if message is not None}

@@ -22,8 +22,9 @@ from scipy.stats import norm
 from agents.agent import Agent
 from agents.privacy import DPSGD, PrivacyConfig, clip_factors, per_sample_gradients
 from sim.core.errors import ConfigError
-from sim.experiment.assembly import Experiment, build_experiment, check_config
+from sim.experiment.assembly import Experiment, build_experiment
 from sim.experiment.privacy import prv_epsilon, rdp_epsilon
+from sim.experiment.settings import check_config
 from sim.reporting.loggers import privacy_line
 from sim.reporting.report import privacy_section
 from sim.run.main import run

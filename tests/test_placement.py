@@ -37,6 +37,7 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         bf16=False,
         cluster=cluster,
         faults=(),
+        storage=None,
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

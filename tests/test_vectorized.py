@@ -14,6 +14,7 @@ from agents.agent import AgentSpec, ExecutionConfig
 from agents.group import AgentGroup, agent_state_file
 from agents.messages import EvalCounts, Prediction
 from agents.vectorized import VectorizedAgentGroup
+from sim.backends.storage import StorageDir
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import Experiment, build_experiment
 from sim.run.main import run
@@ -143,9 +144,9 @@ def test_vectorised_checkpoints_resume_in_an_agent_group(tmp_path: Path) -> None
     experiment = _experiment()
     vectorised = VectorizedAgentGroup(experiment.specs, experiment.public, EXECUTION)
     bundle = _run(vectorised, range(2), {})[-1][1]
-    vectorised.save(str(tmp_path))
+    vectorised.save(StorageDir.local(tmp_path))
     plain = AgentGroup(experiment.specs, experiment.public, EXECUTION)
-    assert plain.restore(str(tmp_path)).keys() == bundle.keys()
+    assert plain.restore(StorageDir.local(tmp_path)).keys() == bundle.keys()
     _assert_rounds_agree(_run(vectorised, range(2, 3), bundle), _run(plain, range(2, 3), bundle), rel=1e-4, atol=1e-4)
 
     state = torch.load(tmp_path / agent_state_file(0), weights_only=True)

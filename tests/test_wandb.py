@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,3 +153,60 @@ def test_a_multirun_groups_its_runs_by_sweep_directory_and_names_them_by_overrid
     runs = [read_offline_run(sweep / job)["run"] for job in ("0", "1")]
     assert {run.run_group for run in runs} == {str(sweep)}
     assert [run.display_name for run in runs] == ["seed=0", "seed=1"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_run_and_logs_no_round_twice(tmp_path: Path, offline_wandb: None) -> None:
+    """Stopped after a few rounds, its newest checkpoint then torn: the resume replays rounds wandb already holds."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "rounds=20",
+        "eval_every=1",
+        "checkpoint_every=4",
+        "checkpoint_keep=3",
+        "runtime.backend=serial",
+    ]
+    logger = ["logger=wandb", "logger.mode=offline", "logger.report=false"]  # resume= takes the logger it is given
+    overrides += logger
+    process = subprocess.Popen(
+        [MHD_SIM, *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    newest = sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "agent_00000.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # resume falls back to an older checkpoint and replays
+    resumed = subprocess.run(
+        [MHD_SIM, f"resume={run_dir}", *logger, f"hydra.run.dir={tmp_path / 'resume-call'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping damaged checkpoint" in resumed.stderr
+
+    import wandb
+
+    wandb.teardown()
+    pieces = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(pieces) == 2  # the first process's, and the resumed one's
+    runs, rounds = [], []
+    for piece in pieces:
+        for record in wandb_records(piece):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                runs.append(record.run)
+            elif kind == "history":
+                row: dict[str, Any] = {}
+                for item in record.history.item:
+                    _put(row, item)
+                if "loss/ce" in row:
+                    rounds.append(row["round"])
+    assert len({run.run_id for run in runs}) == 1 and len({run.display_name for run in runs}) == 1
+    assert rounds == list(range(1, 21))  # every round once, in order: none replayed, none lost

@@ -9,12 +9,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
+from sim.backends.storage import StorageDir
 
 if TYPE_CHECKING:
     from sim.backends.ray.cluster import PrivateData
@@ -63,6 +63,15 @@ class GroupPlan:
     publishes: bool  # whether any agent here has an out-neighbour
 
 
+@dataclass(frozen=True)
+class ProbeWrite:
+    """One worker's write of the storage probe."""
+
+    where: str  # the worker, for a message: "node 10.0.0.3 (actor 1)"
+    name: str  # the file it wrote, in the probe's directory
+    error: str | None  # why the write failed; None if it succeeded
+
+
 class Backend(ABC):
     """Hosts agent groups and moves predictions between them, one synchronous round at a time."""
 
@@ -95,17 +104,29 @@ class Backend(ABC):
         """Test-set counts per agent id, on the whole test set or on its evaluation subset (PublicData.eval_rows)."""
 
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Every agent writes its own state into `directory` (agents' own storage)."""
+    def save(self, directory: StorageDir) -> None:
+        """Every agent writes its own state into `directory`, from the worker that hosts it."""
 
     @abstractmethod
-    def restore(self, directory: Path) -> None:
+    def restore(self, directory: StorageDir) -> None:
         """Every agent loads its state from `directory`; in-flight predictions are re-sent.
 
         Waits for restarted workers and builds their agents again first, so it is also the
         recovery step after a WorkerLostError. Raises WorkerLostError if a worker dies
         meanwhile, RecoveryFailedError if a worker cannot be brought back.
         """
+
+    def probe_storage(self, directory: StorageDir, token: bytes) -> list[ProbeWrite]:
+        """Every worker writes `token` into `directory`, each under its own name (sim/run/storage.py reads them back).
+
+        Workers in the driver's process share its view of the storage: the driver writes for them.
+        """
+        name = "probe-driver"
+        try:
+            directory.write_bytes(name, token)
+        except Exception as error:  # any reason the storage refuses: named in one line by the caller
+            return [ProbeWrite("the driver", name, f"{type(error).__name__}: {' '.join(str(error).split())}")]
+        return [ProbeWrite("the driver", name, None)]
 
     @property
     def worker_restarts(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from agents.agent import ExecutionConfig
 from sim.backends.faults import Fault
 from sim.backends.ray.cluster import ClusterConfig
+from sim.backends.storage import StorageDir
 from sim.core.errors import ConfigError
 
 
@@ -35,6 +36,7 @@ class RuntimeConfig:
     bf16: bool  # bfloat16 autocast of forward passes (speed; numerics change, see docs/performance.md)
     cluster: ClusterConfig  # placement strategy, per-backbone and custom resources, what ships to nodes
     faults: tuple[Fault, ...]  # fault injection, a test tool: workers killed at chosen points (sim/backends/faults.py)
+    storage: StorageDir | None  # where agent state and checkpoints live; None: the run directory (backends/storage.py)
 
     @property
     def on_this_machine(self) -> bool:

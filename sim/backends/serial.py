@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from agents.agent import ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
@@ -11,6 +10,7 @@ from agents.hosting import build_group
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing, WeightBundle
 from sim.backends.base import Backend, GroupPlan
+from sim.backends.storage import StorageDir
 
 
 class SerialBackend(Backend):
@@ -50,12 +50,12 @@ class SerialBackend(Backend):
             counts.update(group.evaluate(full))
         return counts
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: StorageDir) -> None:
         for group in self.groups:
-            group.save(str(directory))
+            group.save(directory)
 
-    def restore(self, directory: Path) -> None:
-        self.bundles = [group.restore(str(directory)) for group in self.groups]
+    def restore(self, directory: StorageDir) -> None:
+        self.bundles = [group.restore(directory) for group in self.groups]
 
     def shutdown(self) -> None:
         self.groups = []

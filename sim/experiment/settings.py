@@ -19,6 +19,7 @@ from sim.backends.faults import parse_faults
 from sim.backends.ray.cluster import cluster_config
 from sim.backends.ray.placement import check_cluster_address
 from sim.backends.runtime import MIN_AGENT_BYTES, RuntimeConfig, check_gpus_exist, check_population_fits
+from sim.backends.storage import storage_root
 from sim.core.errors import ConfigError
 from sim.core.validation import (
     boolean,
@@ -135,6 +136,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         bf16=boolean("runtime.bf16", runtime.bf16),
         cluster=cluster_config(runtime),
         faults=parse_faults(runtime.faults),
+        storage=storage_root(runtime.storage),
     )
     if config.faults and config.backend != "ray":
         raise ConfigError(

@@ -157,14 +157,22 @@ def privacy_line(privacy: dict[str, Any]) -> str:
 PER_AGENT_COLUMNS = ("round", "agent", "head", "shared_acc", "private_acc")  # the wandb.Table per evaluation
 
 
+WANDB_RECORD = "wandb.json"  # in the run directory: the wandb run to continue, and the last round it holds
+
+
 class WandbSink(Sink):
     """One wandb run per simulation (online, offline for `wandb sync` later, or disabled).
 
     Runs of one sweep share a group (the sweep directory, or `logger.group`) and are named by
     their overrides; the job type is the method, so the UI can split MHD from baselines. Every
-    chart is plotted against `round`, so a rollback's replayed rounds appear as extra points
-    rather than being dropped for going back in wandb's own step. Images come from sim/reporting/plots,
-    the same figures as report.html.
+    chart is plotted against `round`. Images come from sim/reporting/plots, the same figures as
+    report.html.
+
+    A run keeps one wandb run for its whole life: RUN_DIR/wandb.json records the run's id, name
+    and group and the last round logged, so `resume=RUN_DIR` continues the same wandb run
+    (wandb's resume="allow"; offline, `wandb sync` joins the pieces by id). Rounds replayed
+    after a rollback or a resume from an older checkpoint are not logged again: the replay
+    reproduces them bit for bit, and wandb cannot take a row back.
     """
 
     def __init__(self, params: dict[str, Any], run_dir: Path) -> None:
@@ -173,26 +181,34 @@ class WandbSink(Sink):
         self.run: Any = None
         self.pending: dict[str, Any] = {}  # this round's record, until its evaluation (if any) joins it
         self.completed = False
+        self.record: dict[str, Any] = {}  # what wandb.json holds: id, name, group, logged_through
 
     def start(self, config: dict[str, Any], total_rounds: int) -> None:
         import wandb  # imported here: runs without logger=wandb never pay for it
 
         from sim.reporting import plots
 
+        saved = self.run_dir / WANDB_RECORD
         sweep_group, job_name = hydra_job_names()
+        self.record = json.loads(saved.read_text()) if saved.is_file() else {"logged_through": -1}
         self.run = wandb.init(
             project=self.params["project"],
             entity=self.params["entity"],
-            group=self.params["group"] or sweep_group,
-            name=self.params["run_name"] or job_name,
+            group=self.record.get("group", self.params["group"] or sweep_group),
+            name=self.record.get("name", self.params["run_name"] or job_name),
             tags=list(self.params["tags"]),
             mode=self.params["mode"],
             job_type=config["method"]["name"],
             dir=str(self.run_dir),
             config=config,
+            id=self.record.get("id"),
+            resume="allow" if "id" in self.record else None,
         )
         self.run.define_metric("round")
         self.run.define_metric("*", step_metric="round")
+        self.record |= {"id": self.run.id, "name": self.run.name, "group": self.run.group}
+        if self.record["logged_through"] >= 0:  # a resumed run: its set-up is logged already
+            return
         class_counts = read_partition(self.run_dir / "partition.csv")
         graph = read_graph(self.run_dir / "graph.edgelist", len(class_counts))
         self.run.log(
@@ -202,6 +218,7 @@ class WandbSink(Sink):
                 "setup/partition": _image(plots.partition_heatmap(class_counts)),
             }
         )
+        self._logged(0)
 
     def log_round(self, round_idx: int, record: dict[str, float]) -> None:
         self._flush()
@@ -255,9 +272,18 @@ class WandbSink(Sink):
                 self.run = None
 
     def _flush(self) -> None:
-        if self.pending:
+        """Log the pending round, unless a replay brought it back: wandb holds it already."""
+        if self.pending and self.pending["round"] > self.record["logged_through"]:
             self.run.log(self.pending)
-            self.pending = {}
+            self._logged(self.pending["round"])
+        self.pending = {}
+
+    def _logged(self, round_done: int) -> None:
+        """Note that wandb holds every round up to `round_done` (not in disabled mode: there is no run to continue)."""
+        self.record["logged_through"] = round_done
+        if self.params["mode"] != "disabled":
+            with write_then_rename(self.run_dir / WANDB_RECORD) as partial:
+                partial.write_text(json.dumps(self.record) + "\n")
 
 
 def hydra_job_names() -> tuple[str | None, str | None]:

@@ -1,29 +1,37 @@
 """Checkpoints of a whole population: every agent's state plus the driver's loop state.
 
-Layout, one directory per checkpoint (named by the next round to run):
+Layout, one directory per checkpoint (named by the next round to run), in the run's storage
+(the run directory, or STORAGE/RUN_ID for `runtime.storage`; sim/run/storage.py):
 
-    RUN_DIR/checkpoints/round_000010/agent_00000.pt ...   written by each agent's own worker
-                                     driver.json          loop state + a manifest of file sizes
+    checkpoints/round_000010/agent_00000.pt ...   written by each agent's own worker
+                             driver.json          loop state + a manifest of file sizes
 
-A checkpoint is built in `round_000010.partial/` and renamed into place only after every
-agent file and driver.json are on disk, so a crash mid-write leaves no directory that looks
-complete. On load, the manifest's sizes are checked: a damaged (e.g. truncated) newest
-checkpoint is skipped in favour of the previous one, and nothing is ever deleted on load.
+Commit, by what the storage can do atomically:
+- a filesystem (local, NFS): the checkpoint is built in `round_000010.partial/` and renamed
+  into place only after every agent file and driver.json are on disk;
+- object storage (S3, GCS), which cannot rename a directory: the agent files are written in
+  place and driver.json, the manifest, is written last: a checkpoint without it is not one.
+Either way a crash mid-write leaves nothing that looks complete. On load, the manifest's sizes
+are checked: a damaged (e.g. truncated) newest checkpoint is skipped in favour of the previous
+one, and nothing is ever deleted on load.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sim.backends import Backend
+from sim.backends.storage import StorageDir
 
 PREFIX = "round_"
 PARTIAL = ".partial"
+COMPLETE = re.compile(rf"{PREFIX}[0-9]+")  # a committed checkpoint's name (not a .partial one)
+MANIFEST = "driver.json"
 
 
 @dataclass
@@ -42,36 +50,41 @@ class LoopState:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    directory: Path
+    directory: StorageDir
     state: LoopState
 
 
 class CheckpointStore:
-    """Writes, lists and validates the checkpoints of one run directory."""
+    """Writes, lists and validates the checkpoints of one run, in the run's storage."""
 
-    def __init__(self, run_dir: Path, keep: int) -> None:
-        self.root = run_dir / "checkpoints"
+    def __init__(self, run_storage: Path | StorageDir, keep: int) -> None:
+        """`run_storage`: the run directory, or the run's directory in `runtime.storage`."""
+        root = StorageDir.local(run_storage) if isinstance(run_storage, Path) else run_storage
+        self.root = root.child("checkpoints")
         self.keep = keep
 
-    def save(self, backend: Backend, state: LoopState) -> Path:
+    def save(self, backend: Backend, state: LoopState) -> StorageDir:
         """Write a complete checkpoint of `backend`'s agents and `state`; prune old ones."""
-        final = self.root / f"{PREFIX}{state.next_round:06d}"
-        partial = final.with_name(final.name + PARTIAL)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        backend.save(partial)
-        manifest = {path.name: path.stat().st_size for path in sorted(partial.glob("*.pt"))}
-        (partial / "driver.json").write_text(json.dumps({"state": asdict(state), "files": manifest}))
-        shutil.rmtree(final, ignore_errors=True)  # a stale one from before a rollback
-        partial.rename(final)
+        final = self.root.child(f"{PREFIX}{state.next_round:06d}")
+        if final.renames_atomically:
+            staging = self.root.child(final.name + PARTIAL)
+            staging.delete()
+        else:  # no rename: uncommit a stale one from before a rollback (its manifest first), then fill it in place
+            final.delete(MANIFEST)
+            final.delete()
+            staging = final
+        backend.save(staging)
+        manifest = {name: staging.size(name) for name in staging.names() if name.endswith(".pt")}
+        staging.write_bytes(MANIFEST, json.dumps({"state": asdict(state), "files": manifest}).encode())  # the commit
+        if staging != final:
+            final.delete()  # a stale one from before a rollback
+            staging.rename(final)
         self._prune()
         return final
 
     def latest(self, before_round: int | None = None) -> Checkpoint | None:
         """The newest intact checkpoint (optionally at or before `before_round`), or None."""
-        for directory in sorted(self.root.glob(f"{PREFIX}[0-9]*"), reverse=True):
-            if directory.name.endswith(PARTIAL):
-                continue
+        for directory in reversed(self._complete()):
             checkpoint = _read(directory)
             if checkpoint is None:
                 print(f"mhd-sim: skipping damaged checkpoint {directory}", file=sys.stderr)
@@ -80,18 +93,23 @@ class CheckpointStore:
                 return checkpoint
         return None
 
+    def _complete(self) -> list[StorageDir]:
+        """Checkpoint directories by round, oldest first, without partial ones (intact or not: _read decides)."""
+        return [self.root.child(name) for name in self.root.names() if COMPLETE.fullmatch(name)]
+
     def _prune(self) -> None:
-        complete = sorted(d for d in self.root.glob(f"{PREFIX}[0-9]*") if not d.name.endswith(PARTIAL))
+        complete = self._complete()
         for directory in complete[: max(len(complete) - self.keep, 0)]:
-            shutil.rmtree(directory)
+            directory.delete(MANIFEST)  # uncommit first: a prune cut short leaves nothing that looks whole
+            directory.delete()
 
 
-def _read(directory: Path) -> Checkpoint | None:
+def _read(directory: StorageDir) -> Checkpoint | None:
     """The checkpoint in `directory` if driver.json parses and every agent file has its size."""
     try:
-        payload = json.loads((directory / "driver.json").read_text())
+        payload = json.loads(directory.read_bytes(MANIFEST))
         files: dict[str, int] = payload["files"]
-        if any((directory / name).stat().st_size != size for name, size in files.items()):
+        if any(directory.size(name) != size for name, size in files.items()):
             return None
         return Checkpoint(directory, LoopState(**payload["state"]))
     except (OSError, ValueError, KeyError, TypeError):

@@ -19,14 +19,15 @@ from sim.core.errors import ConfigError
 from sim.run.interrupt import RunInterrupted, resume_command
 from sim.run.main import describe_error, run
 from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, debug_requested, preflight
+from sim.run.sweeps import SweepFailures, parallel_jobs_override
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1  # the run diverged, or lost agents it could not restore
 
-# "RUN_DIR: reason" of each --multirun job that failed. A failed job ends itself, not the
-# sweep: the next jobs (other seeds, other learning rates) still run, and main() names the
-# failed ones and exits with EXIT_FAILED once the sweep is done.
-failed_sweep_jobs: list[str] = []
+# A failed --multirun job ends itself, not the sweep: the next jobs (other seeds, other
+# learning rates) still run, and main() names the failed ones (sim.run.sweeps.SweepFailures
+# reads their summary.json, whichever process ran them) and exits with EXIT_FAILED once the
+# sweep is done.
 
 
 def main() -> None:
@@ -42,11 +43,15 @@ def main() -> None:
     try:
         args = sys.argv[1:]
         with bad_input_exits(debug_requested(args)):
-            preflight(args)
+            configs = preflight(args)
+            sized = parallel_jobs_override(configs)  # how many jobs of a parallel sweep fit at once
+        if sized:
+            print(f"mhd-sim: {len(configs)} sweep jobs, {sized[0].rpartition('=')[2]} at a time", file=sys.stderr)
+            sys.argv += sized
         simulate()
-        if failed_sweep_jobs:
-            listed = "; ".join(failed_sweep_jobs)
-            print(f"mhd-sim: {len(failed_sweep_jobs)} sweep job(s) failed: {listed}", file=sys.stderr)
+        if SweepFailures.failed:
+            listed = "; ".join(SweepFailures.failed)
+            print(f"mhd-sim: {len(SweepFailures.failed)} sweep job(s) failed: {listed}", file=sys.stderr)
             sys.exit(EXIT_FAILED)
     finally:
         gc.freeze()
@@ -81,7 +86,6 @@ def simulate(cfg: DictConfig) -> None:
                 reason += f"; {kept}: {resume_command(str(run_dir))}"
             print(f"mhd-sim: {reason}", file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says failed; the sweep goes on
-                failed_sweep_jobs.append(f"{run_dir}: {reason}")
                 return
             sys.exit(EXIT_FAILED)
         except RunInterrupted as stopped:  # checkpoint written; summary.json says how to resume

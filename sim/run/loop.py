@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from agents.messages import EvalCounts
 from sim.backends import Backend, GroupPlan
 from sim.backends.base import RecoveryFailedError, WorkerLostError
 from sim.backends.faults import FaultSchedule
+from sim.backends.storage import StorageDir
 from sim.core.atomic import write_then_rename
 from sim.experiment.assembly import Experiment
 from sim.experiment.convergence import convergence, history_point
@@ -46,6 +48,7 @@ from sim.run.interrupt import RunInterrupted, StopRequests
 class CheckpointPolicy:
     every: int  # rounds between checkpoints; 0: only on a signal
     store: CheckpointStore
+    probe: Callable[[Backend], None] | None = None  # every worker reaches the store (sim/run/storage.py); None: no need
 
 
 def group_plans(experiment: Experiment, groups: list[list[int]]) -> list[GroupPlan]:
@@ -88,6 +91,8 @@ def run_rounds(
     for notice in [] if experiment.privacy is None else experiment.privacy.notices():
         print(f"mhd-sim: {notice}", file=sys.stderr)
     backend.start(plans, experiment.public)  # 1
+    if checkpoints.probe is not None:  # before any training or restore: every worker reaches the storage
+        checkpoints.probe(backend)
     state = LoopState()
     if resume_from is not None:
         restarts = recovery.restore(resume_from, resume_from.state.next_round)
@@ -303,7 +308,7 @@ def per_edge_per_round(exchange: Exchange, comm_bytes_total: int) -> float:
 
 
 def interrupted_summary(
-    experiment: Experiment, state: LoopState, checkpoint: Path, stopped: RunInterrupted
+    experiment: Experiment, state: LoopState, checkpoint: StorageDir, stopped: RunInterrupted
 ) -> dict[str, Any]:
     return {
         "status": "interrupted",

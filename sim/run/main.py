@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.vectorized import check_vectorizable
 from sim.backends import BACKENDS, create_backend
 from sim.backends.base import RecoveryFailedError
+from sim.backends.storage import StorageDir
 from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
 from sim.core.validation import non_negative_int, positive_int
@@ -30,6 +31,7 @@ from sim.reporting.loggers import LOGGERS, JsonlSink, Sink
 from sim.run.checkpoint import Checkpoint, CheckpointStore
 from sim.run.interrupt import RunInterrupted, resume_command
 from sim.run.loop import CheckpointPolicy, group_plans, run_rounds, write_json
+from sim.run.storage import new_run_storage, recorded_storage, storage_probe
 
 WANDB_MODES = ("online", "offline", "disabled")
 RESUMABLE_GROUPS = ("runtime", "logger")  # may differ between a run and its resumption
@@ -39,14 +41,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Validate, assemble, run; returns the summary. Bad input raises ConfigError before work."""
     resume_from: Checkpoint | None = None
     if cfg.resume is not None:
-        cfg, run_dir, resume_from = resumed_run(cfg)
+        cfg, run_dir, storage, resume_from = resumed_run(cfg)
     check_names(cfg)
-    policy = CheckpointPolicy(
-        non_negative_int("checkpoint_every", cfg.checkpoint_every),
-        CheckpointStore(run_dir, positive_int("checkpoint_keep", cfg.checkpoint_keep)),
-    )
+    every = non_negative_int("checkpoint_every", cfg.checkpoint_every)
+    keep = positive_int("checkpoint_keep", cfg.checkpoint_keep)
     experiment = build_experiment(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is None:
+        storage = new_run_storage(run_dir, experiment.runtime.storage)
+    policy = CheckpointPolicy(
+        every, CheckpointStore(storage, keep), storage_probe(experiment.runtime, storage, run_dir)
+    )
     backend, groups = create_backend(experiment)
     sinks: list[Sink] = [JsonlSink(run_dir)]
     completed = False
@@ -108,8 +113,8 @@ def write_report(run_dir: Path) -> None:
     print(f"report: {page}", flush=True)
 
 
-def resumed_run(cfg: DictConfig) -> tuple[DictConfig, Path, Checkpoint]:
-    """The saved config of run `cfg.resume` (with this call's runtime/logger) and its checkpoint."""
+def resumed_run(cfg: DictConfig) -> tuple[DictConfig, Path, StorageDir, Checkpoint]:
+    """The saved config of run `cfg.resume` (with this call's runtime/logger), its storage and its checkpoint."""
     run_dir = Path(str(cfg.resume))
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -118,12 +123,13 @@ def resumed_run(cfg: DictConfig) -> tuple[DictConfig, Path, Checkpoint]:
     assert isinstance(saved, DictConfig)
     for group in RESUMABLE_GROUPS:
         saved[group] = cfg[group]
-    checkpoint = CheckpointStore(run_dir, 1).latest()
+    storage = recorded_storage(run_dir, cfg.runtime.storage)
+    checkpoint = CheckpointStore(storage, 1).latest()
     if checkpoint is None:
-        raise ConfigError("resume", str(run_dir), "a run directory with an intact checkpoint in checkpoints/")
+        raise ConfigError("resume", str(run_dir), f"a run directory with an intact checkpoint in {storage}/checkpoints")
     if checkpoint.state.next_round >= saved.rounds:
         raise ConfigError("resume", str(run_dir), f"an unfinished run (this one finished all {saved.rounds} rounds)")
-    return saved, run_dir, checkpoint
+    return saved, run_dir, storage, checkpoint
 
 
 def describe_error(error: BaseException) -> str:

@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -34,10 +33,11 @@ from agents.actor import AgentGroupActor, RemoteAgentGroup, WorkerRestartedError
 from agents.agent import AgentSpec, PublicData
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
-from sim.backends.base import Backend, GroupPlan, RecoveryFailedError, WorkerLostError, Workload
+from sim.backends.base import Backend, GroupPlan, ProbeWrite, RecoveryFailedError, WorkerLostError, Workload
 from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
 from sim.backends.ray.placement import Node, Placement, plan_placement
 from sim.backends.runtime import RuntimeConfig, execution_config
+from sim.backends.storage import StorageDir
 from sim.core.errors import ConfigError
 
 
@@ -227,14 +227,25 @@ class RayBackend(Backend):
             counts.update(group_counts)
         return counts
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: StorageDir) -> None:
         self._deliver_faults("save")
-        self._get([actor.save.remote(str(directory)) for actor in self.actors])
+        self._get([actor.save.remote(directory) for actor in self.actors])
 
-    def restore(self, directory: Path) -> None:
+    def restore(self, directory: StorageDir) -> None:
         self._set_up(self._wait_ready())  # restarted actors: constructor re-run by Ray, agents built here
         self._deliver_faults("restore")
-        self.bundle_refs = self._get([actor.restore.remote(str(directory)) for actor in self.actors])
+        self.bundle_refs = self._get([actor.restore.remote(directory) for actor in self.actors])
+
+    def probe_storage(self, directory: StorageDir, token: bytes) -> list[ProbeWrite]:
+        """Each actor writes from its own node: exactly the nodes whose agents will write checkpoints."""
+        names = [f"probe-actor-{index}" for index in range(len(self.actors))]
+        answers = self._get(
+            [actor.probe_storage.remote(directory, name, token) for actor, name in zip(self.actors, names, strict=True)]
+        )
+        return [
+            ProbeWrite(f"node {node} (actor {index})", name, error)
+            for index, (name, (node, error)) in enumerate(zip(names, answers, strict=True))
+        ]
 
     @property
     def worker_restarts(self) -> int:
@@ -348,6 +359,16 @@ def connect_ray(runtime: RuntimeConfig) -> bool:
                 "and the cluster's token must be set here too)",
             ) from None
     return True
+
+
+def nodes_of(runtime: RuntimeConfig) -> list[Node]:
+    """The alive nodes of the cluster `runtime` attaches to, asked once (a parallel sweep sizes itself by them)."""
+    started = connect_ray(runtime)
+    try:
+        return cluster_nodes()
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def cluster_nodes() -> list[Node]:

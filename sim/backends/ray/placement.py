@@ -249,3 +249,9 @@ class _Packing:
         parts = [f"{node.address}: {node.resources.get(resource, 0.0):g}" for node in self.nodes[:NODES_SHOWN]]
         more = f", ... {len(self.nodes) - NODES_SHOWN} more" if len(self.nodes) > NODES_SHOWN else ""
         return f"{resource} per node: {', '.join(parts)}{more}" if parts else "the cluster has no nodes"
+
+
+def requests_fit(requests: Sequence[ActorRequest], nodes: Sequence[Node]) -> bool:
+    """Whether all of `requests` fit on `nodes` at once (first fit, node by node; e.g. several sweep jobs' actors)."""
+    packing = _Packing(nodes)
+    return all(packing.place(request) for request in requests)
