@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig
+from scipy.special import log_ndtr  # scipy comes with scikit-learn
 
 from agents.agent import AgentSpec
 from agents.output_privacy import NOISE, OutputPrivacyConfig
@@ -99,13 +100,15 @@ def check_output_privacy(name: str, params: dict[str, Any], method: DictConfig) 
     return OUTPUT_CHECKS.get(name)(params, method)
 
 
-def normal_cdf(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
 def gaussian_delta(epsilon: float, mu: float) -> float:
-    """The exact delta(epsilon) of a mu-GDP mechanism (Balle & Wang 2018, Theorem 8)."""
-    return normal_cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * normal_cdf(-epsilon / mu - mu / 2)
+    """The exact delta(epsilon) of a mu-GDP mechanism (Balle & Wang 2018, Theorem 8).
+
+    Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), the second term in log space: over a run,
+    epsilon reaches thousands, where e^eps alone overflows.
+    """
+    first = float(log_ndtr(-epsilon / mu + mu / 2))
+    second = epsilon + float(log_ndtr(-epsilon / mu - mu / 2))
+    return math.exp(first) - math.exp(second) if second < first else 0.0
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
