@@ -30,7 +30,11 @@ from sim.run.main import run
 from tests.conftest import PLAIN_CPU, TINY, make_config
 
 SERIAL = [*TINY, "runtime.backend=serial", "logger.report=false"]
-DP = [*SERIAL, "privacy=dp_sgd"]
+# privacy.train's tuned defaults off: these tests reason about train's own steps and batches (TINY's)
+TRAIN_AS_IS = [
+    f"privacy.train.{key}=null" for key in ("local_steps", "batch_size", "optimizer.lr", "optimizer.momentum")
+]
+DP = [*SERIAL, "privacy=dp_sgd", *TRAIN_AS_IS]
 
 
 @pytest.fixture(scope="module")
@@ -262,5 +266,19 @@ def test_settings_that_need_the_data_are_rejected_before_any_work(overrides: lis
 def test_group_norm_and_plain_backbones_are_accepted() -> None:
     experiment = build_experiment(make_config(*DP, "backbone=resnet8", "backbone.norm=group"))
     assert experiment.privacy is not None
-    assert {spec.privacy for spec in experiment.specs} == {PrivacyConfig(1.0, 1.0, "poisson", None)}
+    assert {spec.privacy for spec in experiment.specs} == {PrivacyConfig(1.0, 10.0, "poisson", None)}
     assert np.isclose(experiment.privacy.agents[0].sample_rate, 32 / len(experiment.specs[0].private_y))
+
+
+def test_privacy_train_sets_dp_sgds_own_steps_batches_and_optimizer() -> None:
+    """privacy.train overrides train.* for DP-SGD only: q and the calibration follow it; privacy=none ignores it."""
+    overrides = ["privacy.train.batch_size=64", "privacy.train.local_steps=3", "privacy.train.optimizer.lr=0.01"]
+    experiment = build_experiment(make_config(*DP, *overrides))
+    plan = experiment.privacy
+    assert plan is not None and plan.local_steps == 3
+    for spec in experiment.specs:
+        assert (spec.train.batch_size, spec.train.local_steps, spec.train.optimizer["lr"]) == (64, 3, 0.01)
+        assert spec.train.optimizer["momentum"] == make_config().train.optimizer.momentum  # kept: null
+        assert np.isclose(plan.agents[spec.agent_id].sample_rate, 64 / len(spec.private_y))
+    plain = build_experiment(make_config(*SERIAL))
+    assert {spec.train for spec in plain.specs} == set(plain.settings.agent_train)

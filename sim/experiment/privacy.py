@@ -213,6 +213,8 @@ def _train_overrides(params: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, dict) or "_target_" in value:
                 raise ConfigError("privacy.train.optimizer", value, "a mapping of kwargs of train.optimizer's class")
             value = {name: kwarg for name, kwarg in value.items() if kwarg is not None}
+            if not value:
+                continue
         else:
             value = positive_int(f"privacy.train.{key}", value)
         found[key] = value
