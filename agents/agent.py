@@ -29,8 +29,10 @@ from agents.losses import (
 )
 from agents.messages import EvalCounts, Prediction
 from agents.model import ModelConfig, MultiHeadModel, head_names
+from agents.output_privacy import OutputPrivacy, OutputPrivacyConfig
 from agents.privacy import DPSGD, PrivacyConfig, dp_train_step
 from agents.public import public_batch_indices
+from sim.core.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class AgentSpec:
     distill: DistillConfig | None  # None: the agent never distils (isolated, central)
     message_codec: CodecConfig  # wire format of outgoing predictions (agents/codecs.py)
     privacy: PrivacyConfig | None = None  # DP-SGD on the private part of each step (agents/privacy.py); None: off
+    output_privacy: OutputPrivacyConfig | None = None  # randomises what it publishes (agents/output_privacy.py)
 
     def __post_init__(self) -> None:
         self.message_codec.check(self.model.num_classes)  # a ConfigError before any agent is built
@@ -182,6 +185,9 @@ class Agent:
         self.stopped = False  # its privacy budget stopped it: no more private steps, nothing published
         if spec.privacy is not None:
             self.dp = DPSGD(spec.privacy, spec.seed, len(spec.private_y), spec.train.batch_size)
+        self.output = None
+        if spec.output_privacy is not None:
+            self.output = OutputPrivacy(spec.output_privacy, derive_seed(spec.seed, "output_privacy"))
 
     # ---- training -------------------------------------------------------------------------
 
@@ -204,13 +210,17 @@ class Agent:
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps = self.spec.train.local_steps
         means = self.checked_means(round_idx, {name: total / steps for name, total in sums.items()})
-        return {**means, **self.privacy_metrics()}
+        return {**means, **self.privacy_metrics(), **self.release_metrics()}
 
     def privacy_metrics(self) -> dict[str, float]:
         """Private steps taken so far (the accountant's state) and whether the agent trained and shares this round."""
         if self.dp is None:
             return {}
         return {"privacy/steps": float(self.dp.steps), "privacy/sharing": float(not self.stopped)}
+
+    def release_metrics(self) -> dict[str, float]:
+        """Messages released so far under an output mechanism (what its accounting composes over); {} otherwise."""
+        return {} if self.output is None else {"privacy/messages": float(self.output.messages)}
 
     def checked_means(self, round_idx: int, means: dict[str, float]) -> dict[str, float]:
         """The round's mean losses, or TrainingDivergedError when the total is not finite."""
@@ -358,6 +368,9 @@ class Agent:
             raise TrainingDivergedError(
                 f"agent {self.agent_id}'s logits are not finite in the {codec.name} codec (round {batch_id - 1})"
             )
+        if self.output is not None:  # the randomised prediction is what the codec encodes (log-probabilities)
+            logits = self.output.release(logits)
+            payload = codec.encode(logits)
         embedding_dtype = MESSAGE_CODECS.get(codec.name).embedding_dtype
         embeddings = None if projected is None else projected.float().cpu().numpy().astype(embedding_dtype)
         message = Prediction(self.agent_id, batch_id, codec.name, self.model.num_classes, payload, embeddings)
@@ -396,6 +409,8 @@ class Agent:
         """
         published = self.last_published
         privacy = {} if self.dp is None else {"privacy": self.dp.state_dict()}  # none: the file as before
+        if self.output is not None:
+            privacy["output_privacy"] = self.output.state_dict()
         return {
             **privacy,
             "model": self.model.state_dict(),
@@ -422,6 +437,8 @@ class Agent:
         self._cursor = state["cursor"]
         if self.dp is not None:
             self.dp.load_state_dict(state["privacy"])
+        if self.output is not None:
+            self.output.load_state_dict(state["output_privacy"])
         published = state["published"]
         self.last_published = None
         if published is not None:

@@ -68,6 +68,7 @@ class AgentGroup:
                     continue
                 outgoing[agent_id] = agent.predict(round_idx + 1)
                 metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
+                metrics[agent_id].update(agent.release_metrics())
         return metrics, outgoing
 
     def inboxes(self, incoming: Iterable[Bundle]) -> dict[int, list[Prediction]]:

@@ -61,6 +61,17 @@ class MultiHeadModel(nn.Module):
         bias = self.heads.bias.view(self.num_heads, 1, self.num_classes)  # [heads, 1, C]
         return torch.baddbmm(bias, embeddings, weight.transpose(1, 2))  # [heads, B, C]
 
+    def head_rows(self, head: int) -> dict[str, slice]:
+        """The rows of the fused head parameters that head `head`'s logits read, by parameter name.
+
+        Both forward paths view the fused layer's outputs as [heads, classes] (head-major), so
+        head h's logits are outputs h*C .. (h+1)*C - 1 and depend on those rows of the weight and
+        bias and on no other: a loss on one head has a structurally zero gradient in the rest
+        (agents/privacy.py adds no DP noise there).
+        """
+        rows = slice(head * self.num_classes, (head + 1) * self.num_classes)
+        return {"heads.weight": rows, "heads.bias": rows}
+
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         """P_i(e): the embedding in the shared width used for embedding distillation."""
         if self.projection is None:

@@ -15,6 +15,15 @@ step independently with probability q = batch_size / n (the subsampled Gaussian 
 Opacus's RDP and PRV accountants analyse). `shuffle` uses the agent's ordinary reshuffled
 batches: a run with it reports no epsilon, because no accountant here covers it.
 
+Noise goes only on the coordinates the private loss can reach (`private_reach`): the main
+head's rows of the fused head layer and the backbone parameters in its graph. The auxiliary
+heads' rows and the embedding projection get a per-sample CE gradient that is zero for every
+sample whatever the data, so the released sum is exactly 0 there under any two neighbouring
+shards: releasing it without noise costs no privacy, and the Gaussian mechanism on the other
+coordinates has the same L2 sensitivity C as on all of them (the zeros add nothing to a
+sample's norm). The accounting is therefore unchanged, while the heads that only distillation
+trains are no longer perturbed by noise that protects nothing (docs/privacy.md).
+
 The sampling masks and the noise come from a generator of their own (seeded from the agent's
 seed), so the public-sample picks draw from the agent's stream exactly as without privacy.
 """
@@ -31,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from agents.losses import mhd_terms, weighted_total
+from agents.model import MultiHeadModel
 from sim.core.registry import Registry
 from sim.core.seeding import derive_seed
 
@@ -94,16 +104,22 @@ class DPSGD:
         self.sample_rate = min(1.0, batch_size / shard_size)  # q
         self.generator = torch.Generator().manual_seed(derive_seed(agent_seed, "dp_sgd"))
         self.steps = 0  # private steps taken; with (sigma, q) all the accountant needs
+        self.reach: dict[str, Tensor] | None = None  # private_reach of the model, found at the first step
 
     def allows_round(self, local_steps: int) -> bool:
         """Whether `local_steps` more private steps stay within the budget (always without one)."""
         return self.config.max_steps is None or self.steps + local_steps <= self.config.max_steps
 
     def private_gradient(
-        self, model: nn.Module, x: Tensor, y: Tensor, normaliser: float
+        self, model: MultiHeadModel, x: Tensor, y: Tensor, normaliser: float
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """(sum_j clip(grad CE_j) + N(0, (sigma C)^2 I)) / normaliser per trainable parameter, and sum_j CE_j."""
+        """(sum_j clip(grad CE_j) + N(0, (sigma C)^2 I) on reached coordinates) / normaliser, and sum_j CE_j.
+
+        Every trainable parameter has an entry; coordinates outside `private_reach` are exactly 0.
+        """
         params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        if self.reach is None:
+            self.reach = private_reach(model, tuple(x.shape[1:]))
         if len(y):
             grads, losses = per_sample_gradients(model, params, x, y)
             factors = clip_factors(grads, self.config.clip_norm)  # [B]
@@ -114,9 +130,9 @@ class DPSGD:
             loss_sum = torch.zeros((), device=x.device)
         std = self.config.noise_multiplier * (self.config.clip_norm or 0.0)
         if std > 0:
-            for name, total in summed.items():
-                noise = torch.normal(0.0, std, total.shape, generator=self.generator).to(total.device)
-                summed[name] = total + noise
+            for name, mask in self.reach.items():  # unreached coordinates: an exact, data-independent 0
+                noise = torch.normal(0.0, std, mask.shape, generator=self.generator).to(mask.device)
+                summed[name] = summed[name] + noise * mask
         self.steps += 1
         return {name: total / normaliser for name, total in summed.items()}, loss_sum
 
@@ -128,6 +144,37 @@ class DPSGD:
         self.generator.set_state(state["generator"])
 
 
+def private_reach(model: MultiHeadModel, sample_shape: tuple[int, ...]) -> dict[str, Tensor]:
+    """Boolean masks of the coordinates the private loss can reach, for the trainable parameters it reaches.
+
+    Derived from the model's structure, not from gradient values (a value can be 0 by chance, e.g. a
+    dead ReLU, and must still be noised):
+    - a parameter outside the autograd graph of the main head's logits (the embedding projection;
+      per-head branches of other heads) has no entry: its CE gradient is zero for every input.
+      The graph is the same for every input because no accepted backbone branches on its data
+      (the support-set backbone is rejected under DP-SGD);
+    - of the fused head layer, only the main head's rows (`MultiHeadModel.head_rows(0)`) are set.
+    Everything else in a reached parameter is set, so a parameter the model does not describe
+    is noised in full: a gap here can only add noise, never remove it from a reached coordinate.
+    """
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    probe = torch.zeros((1, *sample_shape), device=next(iter(trainable.values())).device)
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # no draw from the global stream
+        logits, _ = model(probe)
+        found = torch.autograd.grad(logits[0].sum(), list(trainable.values()), allow_unused=True)
+    reach = {
+        name: torch.ones_like(p, dtype=torch.bool)
+        for (name, p), g in zip(trainable.items(), found, strict=True)
+        if g is not None
+    }
+    for name, rows in model.head_rows(0).items():
+        if name in reach:
+            mask = torch.zeros_like(reach[name])
+            mask[rows] = True
+            reach[name] = mask
+    return reach
+
+
 def per_sample_gradients(
     model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor
 ) -> tuple[dict[str, Tensor], Tensor]:
@@ -135,7 +182,7 @@ def per_sample_gradients(
 
     Every sample runs as a batch of one, so nothing couples samples: this is why batch norm
     (statistics over the batch) is rejected under DP-SGD. Parameters the CE does not reach
-    (auxiliary heads' rows, the projection) get zero gradients.
+    (auxiliary heads' rows, the projection) get zero gradients (`private_reach`).
     """
     rest = {name: p.detach() for name, p in model.named_parameters() if name not in params}
     rest.update(dict(model.named_buffers()))

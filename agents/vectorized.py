@@ -168,6 +168,7 @@ class VectorizedAgentGroup(AgentGroup):
             outgoing = self._predict(round_idx + 1)
             for agent_id, message in outgoing.items():
                 metrics[agent_id]["comm/message_bytes"] = float(message.nbytes)
+                metrics[agent_id].update(self.agents[agent_id].release_metrics())
         return metrics, outgoing
 
     def _cohorts(self, teachers: dict[int, dict[str, Tensor]]) -> list[Cohort]:

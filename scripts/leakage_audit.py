@@ -2,6 +2,7 @@
 
     python scripts/leakage_audit.py                                   # none and dp_sgd at epsilon 1, 4, 8, 32
     python scripts/leakage_audit.py --epsilons 4 --rounds 10 --out audit.json -- num_agents=4
+    python scripts/leakage_audit.py --epsilons 8 --noisy-probs 4 --rr 2      # DP-SGD against the output mechanisms
 
 Each setting is a serial run of the composed config (conf/, plus the overrides after `--`); every
 `--every` rounds and after the last one, the attacks below run on what the agents published that
@@ -13,7 +14,8 @@ message each round: i's prediction of every head on that round's public batch (p
 which it also holds). It never sees i's outputs on private samples, its weights or its losses.
 
 (a) Class mix. The attacker's estimate of i's private class mix is i's mean main-head probability
-    over the public batch. Score: total variation distance to the true mix, against the uniform
+    over the public batch (under randomized response: the label frequencies, debiased with the
+    mechanism's public epsilon). Score: total variation distance to the true mix, against the uniform
     guess's distance; and how often the estimate's top class is i's most frequent class, against
     the 1/C of guessing.
 (b) Membership, from the messages. For a candidate sample (x, y) the attacker averages i's
@@ -45,9 +47,11 @@ import torch.nn.functional as F
 
 from agents.agent import TrainingDivergedError
 from agents.messages import Prediction
+from agents.output_privacy import debias_label_frequencies
 from sim.backends import create_backend
 from sim.core.seeding import derive_rng
 from sim.experiment.assembly import Experiment, build_experiment
+from sim.experiment.output_privacy import OutputPrivacyPlan
 from sim.reporting.metrics import agent_accuracies, head_summary
 from sim.run.loop import group_plans
 from sim.run.preflight import compose_config
@@ -61,12 +65,16 @@ class Setting(NamedTuple):
     overrides: list[str]
 
 
-def settings(epsilons: Sequence[float]) -> list[Setting]:
-    """No privacy, then DP-SGD calibrated to each target epsilon."""
+def settings(epsilons: Sequence[float], noisy: Sequence[float] = (), responses: Sequence[float] = ()) -> list[Setting]:
+    """No privacy, DP-SGD calibrated to each target epsilon, then the output mechanisms at each per-release epsilon."""
     dp = ["privacy=dp_sgd", "privacy.noise_multiplier=null"]
-    return [Setting("none", ["privacy=none"])] + [
-        Setting(f"dp eps={eps:g}", [*dp, f"privacy.target_epsilon={eps}"]) for eps in epsilons
-    ]
+    label_only = ["privacy=randomized_response", "method.message_codec=topk", "method.message_topk=1"]
+    return (
+        [Setting("none", ["privacy=none"])]
+        + [Setting(f"dp eps={eps:g}", [*dp, f"privacy.target_epsilon={eps}"]) for eps in epsilons]
+        + [Setting(f"noisy e0={eps:g}", ["privacy=noisy_probs", f"privacy.epsilon={eps}"]) for eps in noisy]
+        + [Setting(f"rr e0={eps:g}", [*label_only, f"privacy.epsilon={eps}"]) for eps in responses]
+    )
 
 
 def roc_auc(members: np.ndarray, others: np.ndarray) -> float:
@@ -128,8 +136,12 @@ def published_probs(message: Prediction) -> torch.Tensor:
     return message.decode(0).softmax(dim=-1)
 
 
-def class_mix_attack(message: Prediction, true_mix: np.ndarray) -> dict[str, float]:
+def class_mix_attack(message: Prediction, true_mix: np.ndarray, rr_epsilon: float | None = None) -> dict[str, float]:
+    """The mean published probability; for randomized-response labels, their debiased frequencies (clipped at 0)."""
     estimate = published_probs(message).mean(dim=0).numpy()
+    if rr_epsilon is not None:  # the mechanism and its epsilon are public: the attacker inverts its bias
+        debiased = debias_label_frequencies(torch.from_numpy(estimate), rr_epsilon).clamp_min(0).numpy()
+        estimate = debiased / debiased.sum() if debiased.sum() > 0 else np.full_like(estimate, 1 / len(estimate))
     uniform = np.full_like(true_mix, 1 / len(true_mix))
     return {
         "tv_attack": float(0.5 * np.abs(estimate - true_mix).sum()),
@@ -154,6 +166,14 @@ def query_scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np
     return (-F.cross_entropy(logits, y, reduction="none")).numpy()
 
 
+def rr_epsilon(experiment: Experiment) -> float | None:
+    """The per-label epsilon of a randomized-response run (what the attacker debiases with); None otherwise."""
+    plan = experiment.privacy
+    if isinstance(plan, OutputPrivacyPlan) and plan.settings.mechanism == "randomized_response":
+        return plan.settings.epsilon
+    return None
+
+
 def audit_round(experiment: Experiment, backend: Any, round_idx: int, pool: dict[int, Candidates]) -> dict[str, Any]:
     """Every attack on every agent that published this round, averaged over agents."""
     messages = {sender: m for bundle in backend.bundles for sender, m in bundle.items() if m.batch_id == round_idx + 1}
@@ -162,7 +182,7 @@ def audit_round(experiment: Experiment, backend: Any, round_idx: int, pool: dict
     for agent_id, message in sorted(messages.items()):
         counts = experiment.class_counts[agent_id]
         public_x = agents[agent_id].public_batch(round_idx + 1).cpu()
-        found = class_mix_attack(message, counts / counts.sum())
+        found = class_mix_attack(message, counts / counts.sum(), rr_epsilon(experiment))
         c = pool[agent_id]
         seen = [
             observable_scores(message, public_x, x, y)
@@ -242,6 +262,8 @@ def table(results: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 4.0, 8.0, 32.0])
+    parser.add_argument("--noisy-probs", type=float, nargs="*", default=[], help="privacy=noisy_probs at each epsilon")
+    parser.add_argument("--rr", type=float, nargs="*", default=[], help="privacy=randomized_response at each epsilon")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--every", type=int, default=10, help="rounds between audits (and after the last)")
     parser.add_argument("--out", type=Path, default=Path("leakage_audit.json"))
@@ -249,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     base = ["logger.progress=false", "runtime.torch_threads=1", *args.overrides]
     results = []
-    for setting in settings(args.epsilons):
+    for setting in settings(args.epsilons, args.noisy_probs, args.rr):
         print(f"running {setting.label} ...", file=sys.stderr, flush=True)
         results.append(run_setting(setting, base, args.rounds, args.every))
     args.out.write_text(json.dumps({"overrides": base, "results": results}, indent=2) + "\n")

@@ -31,7 +31,11 @@ from sim.run.main import run
 from tests.conftest import PLAIN_CPU, TINY, make_config
 
 SERIAL = [*TINY, "runtime.backend=serial", "logger.report=false"]
-DP = [*SERIAL, "privacy=dp_sgd"]
+# privacy.train's tuned defaults off: these tests reason about train's own steps and batches (TINY's)
+TRAIN_AS_IS = [
+    f"privacy.train.{key}=null" for key in ("local_steps", "batch_size", "optimizer.lr", "optimizer.momentum")
+]
+DP = [*SERIAL, "privacy=dp_sgd", *TRAIN_AS_IS]
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +74,51 @@ def test_noise_has_std_sigma_times_clip_over_the_expected_batch(experiment: Expe
     sigma, clip, normaliser = 1.5, 0.7, 4.0
     dp = DPSGD(PrivacyConfig(sigma, clip, "poisson", None), 0, len(agent.private_y), 32)
     noise, _ = dp.private_gradient(agent.model, agent.private_x[:0], agent.private_y[:0], normaliser)  # no sample
-    values = _flat(noise)
+    assert dp.reach is not None
+    values = _flat({name: g[dp.reach[name]] for name, g in noise.items() if name in dp.reach})
     assert values.numel() > 10_000
     assert abs(float(values.std()) / (sigma * clip / normaliser) - 1) < 0.02
     assert abs(float(values.mean())) < 0.02 * sigma * clip / normaliser
     assert dp.steps == 1  # an empty batch is a step of the mechanism all the same
+
+
+def _unreached(noise: dict[str, torch.Tensor], reach: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The coordinates outside `reach`, flattened."""
+    return torch.cat([g[~reach[name]] if name in reach else g.reshape(-1) for name, g in noise.items()])
+
+
+def test_only_the_coordinates_the_private_loss_reaches_are_noised() -> None:
+    """Aux heads' rows and the projection get an exact 0 (their CE gradient is 0 for every sample); the main
+    head's rows and every backbone coordinate are noised. The accountant's assumption is unchanged: one
+    sample moves the released sum by at most C, all of it inside the noised coordinates."""
+    experiment = build_experiment(make_config(*SERIAL, "method.nu_emb=1.0"))
+    agent = _agent(experiment, None)
+    model, classes = agent.model, agent.model.num_classes
+    dp = DPSGD(PrivacyConfig(2.0, 1.0, "poisson", None), 0, len(agent.private_y), 32)
+    noise, _ = dp.private_gradient(model, agent.private_x[:0], agent.private_y[:0], 1.0)
+    reach = dp.reach
+    assert reach is not None and "projection.weight" not in reach and "projection.bias" not in reach
+    assert bool(reach["heads.weight"][:classes].all()) and not bool(reach["heads.weight"][classes:].any())
+    assert bool(reach["heads.bias"][:classes].all()) and not bool(reach["heads.bias"][classes:].any())
+    backbone = [name for name, _ in model.named_parameters() if name.startswith("backbone.")]
+    assert backbone and all(bool(reach[name].all()) for name in backbone)  # whatever their values
+    assert bool((_unreached(noise, reach) == 0).all())
+    assert bool((noise["heads.weight"][:classes] != 0).all()) and bool((noise["backbone.embed.weight"] != 0).all())
+    # structurally zero: the per-sample gradients of real samples vanish exactly where no noise goes
+    x, y = agent.private_x[:16], agent.private_y[:16]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    grads, _ = per_sample_gradients(model, params, x, y)
+    assert bool((grads["heads.weight"][:, :classes] != 0).any())
+    for name, g in grads.items():
+        outside = g.reshape(16, -1)[:, ~reach[name].reshape(-1)] if name in reach else g
+        assert bool((outside == 0).all()), name
+    clip = 0.05
+    exact = DPSGD(PrivacyConfig(0.0, clip, "poisson", None), 0, len(agent.private_y), 32)
+    with_all, _ = exact.private_gradient(model, x, y, normaliser=1.0)
+    without_last, _ = exact.private_gradient(model, x[:-1], y[:-1], normaliser=1.0)
+    change = {name: with_all[name] - without_last[name] for name in with_all}
+    assert bool((_unreached(change, reach) == 0).all())
+    assert 0 < float(_flat(change).norm()) <= clip * (1 + 1e-4)
 
 
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
@@ -223,5 +267,19 @@ def test_settings_that_need_the_data_are_rejected_before_any_work(overrides: lis
 def test_group_norm_and_plain_backbones_are_accepted() -> None:
     experiment = build_experiment(make_config(*DP, "backbone=resnet8", "backbone.norm=group"))
     assert experiment.privacy is not None
-    assert {spec.privacy for spec in experiment.specs} == {PrivacyConfig(1.0, 1.0, "poisson", None)}
+    assert {spec.privacy for spec in experiment.specs} == {PrivacyConfig(1.0, 10.0, "poisson", None)}
     assert np.isclose(experiment.privacy.agents[0].sample_rate, 32 / len(experiment.specs[0].private_y))
+
+
+def test_privacy_train_sets_dp_sgds_own_steps_batches_and_optimizer() -> None:
+    """privacy.train overrides train.* for DP-SGD only: q and the calibration follow it; privacy=none ignores it."""
+    overrides = ["privacy.train.batch_size=64", "privacy.train.local_steps=3", "privacy.train.optimizer.lr=0.01"]
+    experiment = build_experiment(make_config(*DP, *overrides))
+    plan = experiment.privacy
+    assert plan is not None and plan.local_steps == 3
+    for spec in experiment.specs:
+        assert (spec.train.batch_size, spec.train.local_steps, spec.train.optimizer["lr"]) == (64, 3, 0.01)
+        assert spec.train.optimizer["momentum"] == make_config().train.optimizer.momentum  # kept: null
+        assert np.isclose(plan.agents[spec.agent_id].sample_rate, 64 / len(spec.private_y))
+    plain = build_experiment(make_config(*SERIAL))
+    assert {spec.train for spec in plain.specs} == set(plain.settings.agent_train)

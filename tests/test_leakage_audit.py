@@ -32,12 +32,26 @@ def test_class_mix_attack_reads_the_mean_prediction() -> None:
 
 def test_a_tiny_audit_reports_every_attack_with_and_without_dp() -> None:
     overrides = ["num_agents=3", "train.local_steps=1", "logger.progress=false", "runtime.torch_threads=1"]
-    results = [audit.run_setting(setting, overrides, rounds=2, every=1) for setting in audit.settings([50.0])]
-    assert [len(result["rounds"]) for result in results] == [2, 2]
+    results = [
+        audit.run_setting(setting, overrides, rounds=2, every=1) for setting in audit.settings([50.0], [4.0], [4.0])
+    ]
+    assert [len(result["rounds"]) for result in results] == [2, 2, 2, 2]
     for result in results:
         for point in result["rounds"]:
             assert point["agents_publishing"] == 3
             assert 0 <= point["observable_auc"] <= 1 and 0 <= point["query_auc"] <= 1
     assert results[0]["rounds"][-1].get("epsilon_max") is None
     assert 0 < results[1]["rounds"][-1]["epsilon_max"] <= 50
+    assert all(result["rounds"][-1]["epsilon_max"] > 0 for result in results[2:])  # composed over the messages
     assert "final main head" in audit.table(results)
+
+
+def test_the_class_mix_attack_debiases_randomized_response() -> None:
+    """Reports of a mix through RR at epsilon 1 drift towards uniform; the debiased estimate does not."""
+    mix = np.array([0.7, 0.2, 0.1])
+    p = 1 / (1 + 2 * np.exp(-1.0))
+    reported = p * mix + (1 - p) / 2 * (1 - mix)  # the expected report frequencies
+    logits = torch.log(torch.tensor(reported, dtype=torch.float32)).expand(1, 8, 3)
+    message = Prediction(0, 1, "float32", 3, {"logits": logits.numpy().copy()})
+    assert audit.class_mix_attack(message, mix)["tv_attack"] > 0.1
+    assert audit.class_mix_attack(message, mix, rr_epsilon=1.0)["tv_attack"] == pytest.approx(0.0, abs=1e-5)

@@ -24,6 +24,7 @@ from sim.data.core import stratified_rows
 from sim.data.datasets import load_dataset, split_public_private
 from sim.data.partition import class_count_matrix, partition
 from sim.experiment.backbones import check_model_builds, model_configs
+from sim.experiment.output_privacy import OutputPrivacyPlan
 from sim.experiment.params import builder_params
 from sim.experiment.privacy import PrivacyPlan, check_privacy, plan_privacy, privacy_group
 from sim.experiment.settings import DATA_SPLIT_KEYS, Settings, check_config
@@ -45,7 +46,7 @@ class Experiment:
     public: PublicData
     dataset: str
     private: PrivateData  # each spec's rows of the dataset, for actors that read them on their node
-    privacy: PrivacyPlan | None = None  # privacy=dp_sgd: every agent's noise, budget and accountant
+    privacy: PrivacyPlan | OutputPrivacyPlan | None = None  # dp_sgd, or an output mechanism, and its accounting
 
     # What a backend needs (sim.backends.base.Workload) besides specs and private:
     @property
@@ -111,7 +112,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         for agent_id, part in enumerate(parts)
     ]
     specs, privacy = plan_privacy(
-        check_privacy(privacy_group(cfg), settings.method_name, cfg.runtime), specs, settings.rounds
+        check_privacy(privacy_group(cfg), cfg.method, cfg.runtime), specs, settings.rounds, settings.public_batch_size
     )
     if privacy is not None:  # on_budget_exhausted=stop_run: the last round within every agent's budget
         settings = replace(settings, rounds=privacy.rounds)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -26,13 +26,21 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from agents.agent import AgentSpec
+from agents.agent import AgentSpec, TrainConfig
 from agents.model import ModelConfig, MultiHeadModel
 from agents.privacy import SAMPLERS, PrivacyConfig
 from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
 from sim.core.registry import Registry
-from sim.core.validation import boolean, non_negative_number, positive_number
+from sim.core.validation import boolean, non_negative_number, positive_int, positive_number
+from sim.experiment.optimizer import check_optimizer
+from sim.experiment.output_privacy import (
+    OUTPUT_CHECKS,
+    OutputPrivacyPlan,
+    OutputSettings,
+    check_output_privacy,
+    plan_output_privacy,
+)
 
 DP_METHODS = ("mhd", "mean_teacher", "isolated")
 """Methods whose agents train with the Agent's own step and share predictions or nothing."""
@@ -52,6 +60,12 @@ class DPSettings:
     accountant: str
     sampling: str
     on_budget_exhausted: str
+    train: dict[str, Any] = field(default_factory=dict, hash=False)  # privacy.train: DP-SGD's own train keys
+
+
+TRAIN_KEYS = ("local_steps", "batch_size", "optimizer")
+"""The train keys privacy.train may set for DP-SGD: they decide q, the step count and the step size, which
+DP-SGD wants tuned apart from non-private training (docs/privacy.md#tuning)."""
 
 
 EpsilonFunction = Callable[[float, float, int, float], float]  # (sigma, q, steps, delta) -> epsilon
@@ -105,15 +119,20 @@ def calibrated_noise(target: float, delta: float, sample_rate: float, steps: int
         )
 
 
-def check_privacy(privacy: DictConfig | None, method_name: str, runtime: DictConfig) -> DPSettings | None:
-    """The privacy group checked without data: None for privacy=none, else DP-SGD's settings.
+def check_privacy(
+    privacy: DictConfig | None, method: DictConfig, runtime: DictConfig
+) -> DPSettings | OutputSettings | None:
+    """The privacy group checked without data: None for privacy=none, else the mechanism's settings.
 
-    Raises ConfigError for a bad value or a combination DP-SGD here does not cover.
+    Raises ConfigError for a bad value or a combination the mechanism here does not cover.
     """
     if privacy is None or privacy.name == "none":
         return None
+    if privacy.name in OUTPUT_CHECKS:  # noisy_probs, randomized_response (sim/experiment/output_privacy.py)
+        return check_output_privacy(str(privacy.name), plain_dict(privacy), method)
     if privacy.name != "dp_sgd":
-        raise ConfigError("privacy", privacy.name, "none or dp_sgd")
+        raise ConfigError("privacy", privacy.name, f"none, dp_sgd or one of {', '.join(OUTPUT_CHECKS.names())}")
+    method_name = str(method.name)
     try:
         import opacus  # noqa: F401  (the accountants; imported where they run)
     except ImportError:
@@ -176,7 +195,39 @@ def _dp_settings(params: dict[str, Any]) -> DPSettings:
         raise ConfigError(
             "privacy.noise_multiplier", 0, "> 0 with privacy.target_epsilon (no noise: no finite epsilon)"
         )
-    return DPSettings(noise, target, float(delta), clip, accountant, sampling, policy)
+    return DPSettings(noise, target, float(delta), clip, accountant, sampling, policy, _train_overrides(params))
+
+
+def _train_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """privacy.train without its null entries (null: keep train's value); ConfigError for an unknown key."""
+    overrides = params.get("train") or {}  # a config from before privacy.train: none
+    if not isinstance(overrides, dict):
+        raise ConfigError("privacy.train", overrides, f"a mapping with keys among {', '.join(TRAIN_KEYS)}")
+    found: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in TRAIN_KEYS:
+            raise ConfigError(f"privacy.train.{key}", value, f"a key among {', '.join(TRAIN_KEYS)}")
+        if value is None:
+            continue
+        if key == "optimizer":
+            if not isinstance(value, dict) or "_target_" in value:
+                raise ConfigError("privacy.train.optimizer", value, "a mapping of kwargs of train.optimizer's class")
+            value = {name: kwarg for name, kwarg in value.items() if kwarg is not None}
+            if not value:
+                continue
+        else:
+            value = positive_int(f"privacy.train.{key}", value)
+        found[key] = value
+    return found
+
+
+def dp_train(train: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """`train` with privacy.train's overrides: the optimizer's kwargs merged, the step and batch counts replaced."""
+    optimizer = {**train.optimizer, **overrides.get("optimizer", {})}
+    if optimizer != train.optimizer:
+        check_optimizer(optimizer, "privacy.train.optimizer")
+    counts = {key: overrides[key] for key in ("local_steps", "batch_size") if key in overrides}
+    return replace(train, optimizer=optimizer, **counts)
 
 
 @dataclass(frozen=True)
@@ -251,6 +302,7 @@ class PrivacyPlan:
                 else {str(agent): budget.noise_multiplier for agent, budget in self.agents.items()},
                 "target_epsilon": settings.target_epsilon,
                 "on_budget_exhausted": settings.on_budget_exhausted,
+                "train": settings.train,
                 "planned_rounds": self.planned_rounds,
                 "rounds": self.rounds,
                 "epsilon": final.get("epsilon"),
@@ -278,6 +330,8 @@ class PrivacyPlan:
             f"privacy=dp_sgd: clip_norm={settings.clip_norm} noise_multiplier={_span(noises)} "
             f"sampling={settings.sampling} (q={_span(rates)}) delta={settings.delta:g}"
         ]
+        if settings.train:  # what privacy.train changed: the run does not train as train.* says
+            lines.append(f"privacy=dp_sgd trains with privacy.train={settings.train} over train.*")
         if not self.accounted:
             lines.append("privacy: no epsilon is reported: shuffled batches are not covered by the accountant")
         for agent, budget in sorted(self.agents.items()):
@@ -300,15 +354,21 @@ def _span(values: Sequence[float]) -> str:
 
 
 def plan_privacy(
-    settings: DPSettings | None, specs: Sequence[AgentSpec], rounds: int
-) -> tuple[list[AgentSpec], PrivacyPlan | None]:
+    settings: DPSettings | OutputSettings | None, specs: Sequence[AgentSpec], rounds: int, public_batch_size: int
+) -> tuple[list[AgentSpec], PrivacyPlan | OutputPrivacyPlan | None]:
     """The specs with their PrivacyConfig, and the plan; unchanged specs and None for privacy=none.
+
+    An output mechanism (privacy=noisy_probs, randomized_response) is planned by
+    sim/experiment/output_privacy.py instead.
 
     Raises ConfigError for a backbone without per-sample gradients, a delta not far below
     1/n, or a budget that not even one round fits under on_budget_exhausted=stop_run.
     """
     if settings is None:
         return list(specs), None
+    if isinstance(settings, OutputSettings):
+        return plan_output_privacy(settings, list(specs), rounds, public_batch_size)
+    specs = [replace(spec, train=dp_train(spec.train, settings.train)) for spec in specs]
     for model in dict.fromkeys(spec.model for spec in specs):
         check_backbone(model)
     largest = max(specs, key=lambda spec: len(spec.private_y))

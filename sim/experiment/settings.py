@@ -97,7 +97,7 @@ def check_config(cfg: DictConfig) -> Settings:
     backbones = backbone_assignment(cfg.backbone, num_agents)
     _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
-    check_privacy(privacy_group(cfg), str(cfg.method.name), cfg.runtime)
+    check_privacy(privacy_group(cfg), cfg.method, cfg.runtime)
     return Settings(
         num_agents=num_agents,
         rounds=positive_int("rounds", cfg.rounds),

@@ -144,7 +144,15 @@ def format_head_table(summary: dict[str, Any]) -> str:
 
 
 def privacy_line(privacy: dict[str, Any]) -> str:
-    """The final console line of a privacy=dp_sgd run: epsilon over agents, and who stopped (docs/privacy.md)."""
+    """The final console line of a private run: epsilon over agents, and who stopped (docs/privacy.md)."""
+    if privacy["mechanism"] != "dp_sgd":  # an output mechanism: local DP of the messages
+        epsilons = [value for value in (privacy["epsilon"] or {}).values() if value is not None]
+        spent = f"{max(epsilons):.3g}" if epsilons else "0"
+        return (
+            f"privacy: {privacy['mechanism']}, epsilon {privacy['epsilon_per_release']:g} per release, "
+            f"{privacy['epsilon_per_message']:.3g} per message, {spent} over every message at "
+            f"delta={privacy['delta']:g} (local DP of the messages)"
+        )
     epsilons = [value for value in (privacy["epsilon"] or {}).values() if value is not None]
     spent = f"epsilon {min(epsilons):.2f}-{max(epsilons):.2f}" if epsilons else "no epsilon (not accounted)"
     stopped = privacy["stopped_sharing"]

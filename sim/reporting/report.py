@@ -148,11 +148,19 @@ def run_page(run: Run) -> str:
 
 
 def privacy_section(summary: dict[str, Any]) -> list[str]:
-    """privacy=dp_sgd: the guarantee and each agent's epsilon (docs/privacy.md); nothing otherwise."""
+    """A private run: the guarantee and each agent's epsilon (docs/privacy.md); nothing otherwise."""
     privacy = summary.get("privacy")
     if privacy is None:
         return []
     epsilon = privacy["epsilon"] or {}
+    if privacy["mechanism"] != "dp_sgd":  # an output mechanism: the composed epsilon of each agent's messages
+        rows = [[agent, "-" if value is None else f"{value:.3g}"] for agent, value in epsilon.items()]
+        return [
+            "<h2>Privacy</h2>",
+            f"<p>{html.escape(privacy['guarantee'])}; {html.escape(privacy['composition'])}, delta = "
+            f"{privacy['delta']:g}; epsilon per message {privacy['epsilon_per_message']:.3g}.</p>",
+            _table(["agent", "epsilon over its messages"], rows),
+        ]
     stopped = set(privacy["stopped_sharing"])
     rows = [
         [
