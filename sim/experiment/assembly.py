@@ -50,6 +50,7 @@ from sim.data.options import check_options
 from sim.data.partition import PARTITIONERS, class_count_matrix, partition
 from sim.experiment.convergence import ConvergenceRule, convergence_rule
 from sim.experiment.methods import METHODS, MethodPlan
+from sim.experiment.schedule import NetworkSchedule, network_schedule
 from topologies import build_topology, in_neighbours
 
 MIXED_BACKBONES = "mixed"  # conf/backbone/mixed.yaml: per-agent backbones from a pattern
@@ -89,6 +90,7 @@ class Settings:
     agent_train: tuple[TrainConfig, ...]  # per agent: train with its backbone's optimizer overrides
     public_size: int
     public_batch_size: int
+    schedule: NetworkSchedule  # the network of every round: live edges, active agents, delays (docs/dynamic.md)
 
 
 @dataclass(frozen=True)
@@ -133,22 +135,26 @@ def check_config(cfg: DictConfig) -> Settings:
     backbones = backbone_assignment(cfg.backbone, num_agents)
     _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
+    rounds = positive_int("rounds", cfg.rounds)
+    method = METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads)
+    graph = build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology))
     return Settings(
         num_agents=num_agents,
-        rounds=positive_int("rounds", cfg.rounds),
+        rounds=rounds,
         eval_every=positive_int("eval_every", cfg.eval_every),
         eval_subset_size=optional_positive_int("eval_subset_size", cfg.eval_subset_size),
         convergence=convergence_rule(cfg.convergence),
         seed=seed,
         method_name=str(cfg.method.name),
-        method=METHODS.get(str(cfg.method.name))(_params(cfg.method), aux_heads),
-        graph=build_topology(str(cfg.topology.name), num_agents, seed, _params(cfg.topology)),
+        method=method,
+        graph=graph,
         runtime=runtime,
         train=train,
         backbones=tuple(backbones),
         agent_train=agent_train_configs(backbones, train),
         public_size=public_size,
         public_batch_size=public_batch_size,
+        schedule=network_schedule(cfg, num_agents, seed, rounds, method, graph),
     )
 
 
