@@ -121,6 +121,8 @@ def test_inactive_agents_are_never_published_to_or_from() -> None:
     for r in range(12):
         plan = schedule.plan(r)
         assert plan.publishers <= plan.active
+        sent = {(u, v) for u, v, _ in schedule.sends(r)}  # on the round's own (re-drawn, failing) graph
+        assert sent == {(u, v) for u, v in schedule.graph(r).edges() if u in plan.active}
         for receiver, deliveries in plan.deliveries.items():
             for delivery in deliveries:
                 assert receiver in schedule.active(delivery.arrives)  # it is there when the message arrives
