@@ -198,15 +198,17 @@ def test_the_newest_message_per_sender_wins_and_max_staleness_drops_old_ones() -
     backend.start(group_plans(experiment, groups), experiment.public)
     agent = _trained_agents(backend)[0]
     old, new = agent.predict(3), agent.predict(5)
-    fake = [Prediction(1, m.batch_id, m.codec, m.num_classes, dict(m.payload)) for m in (new, old)]
-    agent.inbox.receive(fake[0], arrives=6)
-    agent.inbox.receive(fake[1], arrives=5)  # the older batch arrives first ...
+    newer, older = (Prediction(1, m.batch_id, m.codec, m.num_classes, dict(m.payload)) for m in (new, old))
+    agent.inbox.receive(newer, arrives=5)  # batch 5 on time ...
+    agent.inbox.receive(older, arrives=6)  # ... overtakes batch 3, which was sent earlier but arrives later
+    agent.inbox.open(4)
+    assert agent.inbox.held == {} and len(agent.inbox.pending) == 2
     agent.inbox.open(5)
-    assert agent.inbox.held[1].batch_id == 3
+    assert agent.inbox.held[1] is newer
     agent.inbox.open(6)
-    assert agent.inbox.held[1].batch_id == 5  # ... and is replaced by the newer one
+    assert agent.inbox.held[1] is newer and agent.inbox.pending == []  # the older one is dropped
     assert agent.inbox.usable(7, max_staleness=1) == []
-    assert agent.inbox.usable(7, max_staleness=2) == [fake[0]]
+    assert agent.inbox.usable(7, max_staleness=2) == [newer]
 
 
 # ---- whole runs ---------------------------------------------------------------------------------
