@@ -24,6 +24,7 @@ from sim.backends import create_backend
 from sim.backends.serial import SerialBackend
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import Experiment, build_experiment, check_config
+from sim.reporting.report import write_run_report
 from sim.run.checkpoint import CheckpointStore
 from sim.run.exchange import build_exchange
 from sim.run.interrupt import RunInterrupted
@@ -243,6 +244,9 @@ def test_staleness_and_the_network_are_logged(tmp_path: Path) -> None:
     assert [line["round"] for line in network] == [1, 2, 3, 4]
     assert network[0]["links"][0] == [0, 1, 1]  # ring: 0 -> 1, one round late
     assert network[-1]["links"] == []  # nothing is published after the last round
+    write_run_report(tmp_path / "run")
+    assert (tmp_path / "run" / "plots" / "network.png").is_file()
+    assert "network.png" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_resume_with_churn_and_delays_matches_the_uninterrupted_run(tmp_path: Path) -> None:
