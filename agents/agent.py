@@ -161,6 +161,9 @@ class Agent:
         # Own latest outgoing message: competes as a teacher under include_self, and is what the
         # agent re-sends after a restore (its in-flight contribution to its neighbours' inboxes).
         self.last_published: Prediction | None = None
+        # Own messages by public batch, for include_self on a batch that late messages describe:
+        # only the batches the inbox still holds or expects, and the newest (prune_own).
+        self.own: dict[int, Prediction] = {}
         # Neighbours' messages: in transit, then the newest per sender (agents/inbox.py).
         self.inbox = Inbox()
         self.heads = head_names(self.model.num_heads)
@@ -272,18 +275,18 @@ class Agent:
         """Per-head teachers for this round: head 0 from heads 0, head k from heads k-1.
 
         Candidates are the inbox's messages (sorted by sender) and, under include_self, the
-        agent's own last message if it is at most as old as the oldest one the inbox may hold.
-        Teachers compete only with candidates made on the same public batch; the targets of
-        each batch are stacked in ascending batch order, and a term is kept only when every
-        batch has it.
+        agent's own message on each of their batches (on this round's batch when the inbox is
+        empty). Teachers compete only with candidates made on the same public batch; the
+        targets of each batch are stacked in ascending batch order, and a term is kept only
+        when every batch has it.
         """
         distill = self.spec.distill
         if distill is None:
             return Teachers((), {})
         candidates = [message for message in inbox if message.batch_id <= round_idx]
-        own = self.last_published
-        if distill.include_self and own is not None and self._own_is_current(own, round_idx, inbox):
-            candidates.append(own)
+        if distill.include_self:  # own message on each batch the others describe (this round's, with none)
+            described = sorted({message.batch_id for message in candidates}) or [round_idx]
+            candidates += [self.own[batch] for batch in described if batch in self.own]
         batches = tuple(sorted({message.batch_id for message in candidates}))
         per_batch = [self._batch_targets([m for m in candidates if m.batch_id == batch]) for batch in batches]
         terms = [name for name in per_batch[0] if all(name in targets for targets in per_batch)] if per_batch else []
@@ -291,11 +294,15 @@ class Agent:
             return Teachers(batches, per_batch[0])
         return Teachers(batches, {name: torch.cat([targets[name] for targets in per_batch]) for name in terms})
 
-    @staticmethod
-    def _own_is_current(own: Prediction, round_idx: int, inbox: Sequence[Prediction]) -> bool:
-        """In lock-step only a message on this round's batch; otherwise no older than the inbox's oldest."""
-        oldest = min((message.batch_id for message in inbox), default=round_idx)
-        return oldest <= own.batch_id <= round_idx
+    def prune_own(self) -> None:
+        """Keep own messages only for the batches of messages held or in transit, and the newest.
+
+        A message not yet in transit was published at the end of this round, on the newest batch.
+        """
+        wanted = {message.batch_id for message in self.inbox.held.values()}
+        wanted |= {message.batch_id for _, message in self.inbox.pending}
+        wanted.add(max(self.own, default=-1))
+        self.own = {batch: message for batch, message in self.own.items() if batch in wanted}
 
     def _batch_targets(self, candidates: list[Prediction]) -> RoundTargets:
         """The teachers' targets on one public batch, from candidates all made on it."""
@@ -356,6 +363,8 @@ class Agent:
         embeddings = None if projected is None else projected.float().cpu().numpy().astype(embedding_dtype)
         message = Prediction(self.agent_id, batch_id, codec.name, self.model.num_classes, payload, embeddings)
         self.last_published = message
+        self.own[batch_id] = message
+        self.prune_own()
         return message
 
     def evaluate(self, full: bool) -> EvalCounts:
@@ -408,6 +417,7 @@ class Agent:
             "order": self._order,
             "cursor": self._cursor,
             "published": None if published is None else message_state(published),
+            "own": [message_state(message) for _, message in sorted(self.own.items())],
             "inbox": self.inbox.state_dict(),
         }
 
@@ -422,6 +432,10 @@ class Agent:
         self.last_published = None
         if published is not None:  # checkpoints of older versions name no sender
             self.last_published = message_from_state({"sender": self.agent_id, **published}, self.model.num_classes)
+        own = [message_from_state(item, self.model.num_classes) for item in state.get("own", [])]
+        if "own" not in state and self.last_published is not None:  # older checkpoints kept only the newest
+            own = [self.last_published]
+        self.own = {message.batch_id: message for message in own}
         self.inbox = Inbox()
         if "inbox" in state:  # older checkpoints had none: every message was delivered in the next round
             self.inbox.load_state_dict(state["inbox"], self.model.num_classes)

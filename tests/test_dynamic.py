@@ -157,19 +157,21 @@ def test_an_inactive_agent_does_not_train_publish_or_receive() -> None:
     assert agents[0].inbox.held[2].batch_id == 1  # 2's message from round 0 arrived; nothing newer
 
 
+@pytest.mark.parametrize("include_self", [False, True])
 def test_a_delayed_message_is_used_exactly_delay_rounds_later_on_its_own_public_batch(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, include_self: bool
 ) -> None:
-    experiment = _experiment("delay.rounds=2", "rounds=6", "topology=complete", "method.include_self=false")
+    """Under include_self the agent's own message on the late message's batch competes with it."""
+    experiment = _experiment("delay.rounds=2", "rounds=6", "topology=complete", f"method.include_self={include_self}")
     seen: list[tuple[int, int, list[tuple[int, int]], tuple[int, ...]]] = []
     pools: list[bool] = []  # per distilling step: whether it drew from public batch r - 2
-    expected: dict[int, torch.Tensor] = {}
+    expected: dict[int, torch.Tensor | None] = {}
     round_targets, step_batch = Agent.round_targets, Agent.step_batch
 
     def spy(agent: Agent, round_idx: int, inbox: list[Prediction]) -> Any:
         teachers = round_targets(agent, round_idx, inbox)
         seen.append((agent.agent_id, round_idx, sorted((m.sender, m.batch_id) for m in inbox), teachers.batches))
-        expected[agent.agent_id] = agent.public_batch(max(round_idx - 2, 0))
+        expected[agent.agent_id] = agent.public_batch(teachers.batches[0]) if teachers.batches else None
         return teachers
 
     def step_spy(agent: Agent, public_batch: torch.Tensor | None) -> Any:
@@ -186,11 +188,13 @@ def test_a_delayed_message_is_used_exactly_delay_rounds_later_on_its_own_public_
     for agent_id, round_idx, inbox, batches in seen:
         others = [u for u in range(4) if u != agent_id]
         if round_idx < 3:  # sent at the end of round 0 at the earliest, 2 rounds late: round 3
-            assert inbox == [] and batches == ()
+            assert inbox == []
+            assert batches == ((round_idx,) if include_self and round_idx > 0 else ())  # only its own message
         else:  # made at the end of round r - 3, on public batch r - 2: exactly 2 rounds late
             assert inbox == [(u, round_idx - 2) for u in others]
-            assert batches == (round_idx - 2,)
-    assert len(pools) == 3 * 4 * 2 and all(pools)  # rounds 3-5, 4 agents, 2 steps each
+            assert batches == (round_idx - 2,)  # with include_self, its own message on that batch
+    distilling_rounds = 5 if include_self else 3
+    assert len(pools) == distilling_rounds * 4 * 2 and all(pools)  # 4 agents, 2 steps each
 
 
 def test_the_newest_message_per_sender_wins_and_max_staleness_drops_old_ones() -> None:
