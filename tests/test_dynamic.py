@@ -359,3 +359,16 @@ def test_serial_and_ray_give_the_same_dynamic_run(ray_session: None, tmp_path: P
     ray_run = run(make_config(*QUIET, *DYNAMIC, "runtime.backend=ray", "runtime.agents_per_actor=2"), tmp_path / "ray")
     assert ray_run["final"] == serial["final"]
     assert ray_run["network"] == serial["network"]
+
+
+@pytest.mark.slow
+def test_a_lost_worker_replays_a_dynamic_run_to_the_same_numbers(ray_session: None, tmp_path: Path) -> None:
+    """The rolled-back rounds see the same network again: the schedule is a function of the round."""
+    overrides = [*QUIET, *DYNAMIC, "rounds=6", "checkpoint_every=2"]
+    reference = run(make_config(*overrides), tmp_path / "serial")
+    faults = "runtime.faults=[{point:train,round:3,actor:1}]"
+    ray_args = ["runtime.backend=ray", "runtime.agents_per_actor=2", faults]
+    recovered = run(make_config(*overrides, *ray_args), tmp_path / "ray")
+    assert recovered["recovery"] == {"actor_failures": 1, "rounds_replayed": 1}
+    assert recovered["final"] == reference["final"]
+    assert recovered["network"] == reference["network"]
