@@ -130,6 +130,16 @@ def test_inactive_agents_are_never_published_to_or_from() -> None:
                 assert delivery.sender in schedule.active(r - 1)  # the sender was there to send it
 
 
+def test_comm_every_exchanges_only_every_nth_round() -> None:
+    experiment = _experiment("comm_every=2", "rounds=6")
+    exchange = build_exchange(experiment)
+    assert [exchange.publishes(r) for r in range(6)] == [False, True, False, True, False, False]  # not after the last
+    assert [len(experiment.schedule.sends(r)) for r in range(6)] == [0, 8, 0, 8, 0, 8]  # the ring's 8 edges
+    assert [bool(experiment.schedule.plan(r).deliveries) for r in range(6)] == [False, False, True, False, True, False]
+    fedavg = build_exchange(_experiment("method=fedavg", "comm_every=3", "rounds=6"))
+    assert fedavg.link_rounds() == 2 * 4 * 2  # rounds 2 and 5: every agent uploads and downloads
+
+
 # ---- agents under a plan -------------------------------------------------------------------------
 
 
