@@ -382,3 +382,14 @@ def test_a_lost_worker_replays_a_dynamic_run_to_the_same_numbers(ray_session: No
     assert recovered["recovery"] == {"actor_failures": 1, "rounds_replayed": 1}
     assert recovered["final"] == reference["final"]
     assert recovered["network"] == reference["network"]
+
+
+@pytest.mark.parametrize("method", ["isolated", "mhd"])
+def test_the_graph_a_run_writes_reloads_as_the_same_graph(tmp_path: Path, method: str) -> None:
+    """graph.edgelist lists agents without edges too, so even an isolated run's file reloads."""
+    run(make_config(*QUIET, f"method={method}", "rounds=1", "eval_every=1"), tmp_path / "run")
+    written = tmp_path / "run" / "graph.edgelist"
+    reloaded = build_topology("from_file", 4, 0, {"path": str(written), "require_connected": False})
+    expected = _experiment(f"method={method}").graph
+    assert list(reloaded) == [0, 1, 2, 3]
+    assert sorted(reloaded.edges()) == sorted(expected.edges())

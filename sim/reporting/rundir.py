@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
+from topologies.edges import read_edge_list
 
 AgentHeads = dict[int, dict[str, dict[str, float]]]  # agent -> head -> shared_acc/private_acc
 
@@ -95,11 +96,13 @@ def read_partition(path: Path) -> np.ndarray:
 
 
 def read_graph(path: Path, num_agents: int) -> nx.DiGraph:
-    """The communication graph from `u v` lines, with agents that have no edges included."""
+    """The communication graph from graph.edgelist (`u v` lines, lone agents), every agent a node."""
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(range(num_agents))
-    lines = path.read_text().splitlines() if path.is_file() else []
-    graph.add_edges_from((int(u), int(v)) for u, v, *_ in (line.split() for line in lines if line.strip()))
+    if path.is_file():
+        written = read_edge_list(path)
+        graph.add_nodes_from(int(agent) for agent in written)
+        graph.add_edges_from((int(u), int(v)) for u, v in written.edges())
     return graph
 
 
