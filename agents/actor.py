@@ -25,6 +25,7 @@ from agents.agent import AgentSpec, ExecutionConfig, PublicData
 from agents.faults import ArmedFaults
 from agents.group import AgentGroup, Bundle, StateDirectory
 from agents.hosting import build_group
+from agents.inbox import RoundPlan
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing, WeightBundle
 
@@ -71,10 +72,10 @@ class AgentGroupActor:
         self.armed.arm(point)
 
     def run_round(
-        self, round_idx: int, publish: bool, *incoming: Bundle
+        self, round_idx: int, publish: bool, plan: RoundPlan | None, *incoming: Bundle
     ) -> tuple[dict[int, dict[str, float]], ray.ObjectRef | None]:
-        """Train one round; returns metric numbers and a reference to the outgoing bundle."""
-        metrics, outgoing = self.group.run_round(round_idx, incoming, publish)
+        """Train one round as `plan` says (None: lock-step); metric numbers and a reference to the outgoing bundle."""
+        metrics, outgoing = self.group.run_round(round_idx, incoming, publish, plan)
         self.armed.die_if_armed("train")
         return metrics, (ray.put(outgoing) if outgoing else None)
 

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 
 from agents.codecs import MESSAGE_CODECS, CodecConfig
+from agents.inbox import Inbox, message_from_state, message_state
 from agents.losses import (
     EMBEDDING_TERM,
     DistillConfig,
@@ -100,8 +101,20 @@ class ExecutionConfig:
 
 
 RoundTargets = dict[str, torch.Tensor]
-"""Loss-term name -> its target on the whole round's public batch: [P, C] per head, [P, D] for
+"""Loss-term name -> its target on the round's distillation pool: [P', C] per head, [P', D] for
 the embedding. Empty when the agent has no teacher this round."""
+
+
+@dataclass(frozen=True)
+class Teachers:
+    """A round's teachers: targets on the pool of public batches that the candidates' messages were made on.
+
+    In lock-step every message was made on the round's own batch, so the pool is that one batch;
+    a late message was made on an older batch and is distilled on that batch (docs/dynamic.md).
+    """
+
+    batches: tuple[int, ...]  # public batch ids, ascending; the pool is their samples in this order
+    targets: RoundTargets  # every term's target on the pool's rows
 
 
 def shared_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -178,6 +191,11 @@ class Agent:
         # Own latest outgoing message: competes as a teacher under include_self, and is what the
         # agent re-sends after a restore (its in-flight contribution to its neighbours' inboxes).
         self.last_published: Prediction | None = None
+        # Own messages by public batch, for include_self on a batch that late messages describe:
+        # only the batches the inbox still holds or expects, and the newest (prune_own).
+        self.own: dict[int, Prediction] = {}
+        # Neighbours' messages: in transit, then the newest per sender (agents/inbox.py).
+        self.inbox = Inbox()
         self.heads = head_names(self.model.num_heads)
         self.head_of_term = {head_term(name): head for head, name in enumerate(self.heads)}
         self.temperature = None if spec.distill is None else spec.distill.temperature
@@ -194,14 +212,16 @@ class Agent:
     def train_round(self, round_idx: int, inbox: Sequence[Prediction]) -> dict[str, float]:
         """`local_steps` optimizer steps on private data plus distillation from the inbox.
 
-        The inbox holds in-neighbours' predictions on public batch `round_idx`, made at the end
-        of the previous round (one round stale). Returns the mean of every loss term.
+        The inbox holds in-neighbours' predictions, each on the public batch it names: in
+        lock-step all on batch `round_idx`, made at the end of the previous round (one round
+        stale). Returns the mean of every loss term.
         """
         self.stopped = self.dp is not None and not self.dp.allows_round(self.spec.train.local_steps)
         if self.stopped:  # this round would pass its privacy budget (agents/privacy.py)
             return self.privacy_metrics()
-        targets = self.round_targets(round_idx, inbox)
-        public_batch = self.public_batch(round_idx) if targets else None
+        teachers = self.round_targets(round_idx, inbox)
+        targets = teachers.targets
+        public_batch = self.distill_pool(teachers.batches) if targets else None
         sums: dict[str, float] = {}
         self.model.train()
         for _ in range(self.spec.train.local_steps):
@@ -308,15 +328,43 @@ class Agent:
         if self.eval_support is not None:
             self.model.backbone.condition(*self.eval_support)
 
-    def round_targets(self, round_idx: int, inbox: Sequence[Prediction]) -> RoundTargets:
-        """Per-head teachers for this round: head 0 from heads 0, head k from heads k-1."""
+    def round_targets(self, round_idx: int, inbox: Sequence[Prediction]) -> Teachers:
+        """Per-head teachers for this round: head 0 from heads 0, head k from heads k-1.
+
+        Candidates are the inbox's messages (sorted by sender) and, under include_self, the
+        agent's own message on each of their batches (on this round's batch when the inbox is
+        empty). Teachers compete only with candidates made on the same public batch; the
+        targets of each batch are stacked in ascending batch order, and a term is kept only
+        when every batch has it.
+        """
         distill = self.spec.distill
         if distill is None:
-            return {}
-        candidates = [message for message in inbox if message.batch_id == round_idx]
-        own = self.last_published
-        if distill.include_self and own is not None and own.batch_id == round_idx:
-            candidates.append(own)
+            return Teachers((), {})
+        candidates = [message for message in inbox if message.batch_id <= round_idx]
+        if distill.include_self:  # own message on each batch the others describe (this round's, with none)
+            described = sorted({message.batch_id for message in candidates}) or [round_idx]
+            candidates += [self.own[batch] for batch in described if batch in self.own]
+        batches = tuple(sorted({message.batch_id for message in candidates}))
+        per_batch = [self._batch_targets([m for m in candidates if m.batch_id == batch]) for batch in batches]
+        terms = [name for name in per_batch[0] if all(name in targets for targets in per_batch)] if per_batch else []
+        if len(per_batch) == 1:
+            return Teachers(batches, per_batch[0])
+        return Teachers(batches, {name: torch.cat([targets[name] for targets in per_batch]) for name in terms})
+
+    def prune_own(self) -> None:
+        """Keep own messages only for the batches of messages held or in transit, and the newest.
+
+        A message not yet in transit was published at the end of this round, on the newest batch.
+        """
+        wanted = {message.batch_id for message in self.inbox.held.values()}
+        wanted |= {message.batch_id for _, message in self.inbox.pending}
+        wanted.add(max(self.own, default=-1))
+        self.own = {batch: message for batch, message in self.own.items() if batch in wanted}
+
+    def _batch_targets(self, candidates: list[Prediction]) -> RoundTargets:
+        """The teachers' targets on one public batch, from candidates all made on it."""
+        distill = self.spec.distill
+        assert distill is not None
         targets: RoundTargets = {}
         main: TeacherChoice | None = None
         for head in range(self.model.num_heads if candidates else 0):
@@ -375,6 +423,8 @@ class Agent:
         embeddings = None if projected is None else projected.float().cpu().numpy().astype(embedding_dtype)
         message = Prediction(self.agent_id, batch_id, codec.name, self.model.num_classes, payload, embeddings)
         self.last_published = message
+        self.own[batch_id] = message
+        self.prune_own()
         return message
 
     def evaluate(self, full: bool) -> EvalCounts:
@@ -394,6 +444,12 @@ class Agent:
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast when `runtime.bf16` (a no-op context otherwise)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def distill_pool(self, batches: Sequence[int]) -> torch.Tensor:
+        """The public samples of `batches`, one after another: what a round's distillation steps draw from."""
+        if len(batches) == 1:
+            return self.public_batch(batches[0])
+        return torch.cat([self.public_batch(batch) for batch in batches])
 
     def public_batch(self, batch_id: int) -> torch.Tensor:
         """Public batch `batch_id`, [P, C, H, W]: the same samples for every agent (one schedule)."""
@@ -418,14 +474,9 @@ class Agent:
             "generator": self.generator.get_state(),
             "order": self._order,
             "cursor": self._cursor,
-            "published": None
-            if published is None
-            else {
-                "batch_id": published.batch_id,
-                "codec": published.codec,
-                "payload": {name: torch.from_numpy(array.copy()) for name, array in published.payload.items()},
-                "embeddings": None if published.embeddings is None else torch.from_numpy(published.embeddings.copy()),
-            },
+            "published": None if published is None else message_state(published),
+            "own": [message_state(message) for _, message in sorted(self.own.items())],
+            "inbox": self.inbox.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -441,13 +492,12 @@ class Agent:
             self.output.load_state_dict(state["output_privacy"])
         published = state["published"]
         self.last_published = None
-        if published is not None:
-            embeddings = published["embeddings"]
-            self.last_published = Prediction(
-                self.agent_id,
-                int(published["batch_id"]),
-                str(published["codec"]),
-                self.model.num_classes,
-                {name: array.numpy() for name, array in published["payload"].items()},
-                None if embeddings is None else embeddings.numpy(),
-            )
+        if published is not None:  # checkpoints of older versions name no sender
+            self.last_published = message_from_state({"sender": self.agent_id, **published}, self.model.num_classes)
+        own = [message_from_state(item, self.model.num_classes) for item in state.get("own", [])]
+        if "own" not in state and self.last_published is not None:  # older checkpoints kept only the newest
+            own = [self.last_published]
+        self.own = {message.batch_id: message for message in own}
+        self.inbox = Inbox()
+        if "inbox" in state:  # older checkpoints had none: every message was delivered in the next round
+            self.inbox.load_state_dict(state["inbox"], self.model.num_classes)

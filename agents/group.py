@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from agents.agent import Agent, AgentSpec, ExecutionConfig, PublicData
+from agents.inbox import RoundPlan
 from agents.messages import EvalCounts, Prediction, check_metrics
 from agents.weight_sharing import Mixing, WeightBundle, WeightShare, load_weights, mix, share_weights
 
@@ -44,42 +45,64 @@ class AgentGroup:
         self.agents = {spec.agent_id: Agent(spec, public, execution) for spec in specs}
 
     def run_round(
-        self, round_idx: int, incoming: Iterable[Bundle], publish: bool
+        self, round_idx: int, incoming: Iterable[Bundle], publish: bool, plan: RoundPlan | None = None
     ) -> tuple[dict[int, dict[str, float]], dict[int, Prediction]]:
-        """Train every agent on round `round_idx`, then predict on the next public batch.
+        """Train this round's active agents, then let its publishers predict on the next public batch.
 
         Args:
-            round_idx: the round being trained; its public batch is `round_idx`.
-            incoming: bundles of predictions on batch `round_idx` from the groups that host
-                in-neighbours of this group's agents (may contain other senders too).
-            publish: whether to predict on batch `round_idx + 1` (False when nobody listens).
+            round_idx: the round being trained; on-time messages are on public batch `round_idx`.
+            incoming: bundles of predictions published in the previous round by the groups that
+                host this round's senders (may contain other senders too).
+            publish: whether this round publishes at all (False in the last round, or when nobody listens).
+            plan: who is active, who publishes and who receives what (agents/inbox.py); None is
+                the lock-step plan of the agents' fixed in-neighbours.
 
         Returns:
-            (metrics per agent id, outgoing predictions per agent id).
+            (metrics per active agent id, outgoing predictions per publishing agent id).
         """
-        inboxes = self.inboxes(incoming)
+        plan = plan or RoundPlan.static({i: agent.in_neighbours for i, agent in self.agents.items()}, round_idx)
+        inboxes = self.inboxes(round_idx, incoming, plan)
         metrics: dict[int, dict[str, float]] = {}
-        for agent_id, agent in self.agents.items():
-            metrics[agent_id] = check_metrics(agent.train_round(round_idx, inboxes[agent_id]))
+        for agent_id in self.active(plan):
+            metrics[agent_id] = check_metrics(self.agents[agent_id].train_round(round_idx, inboxes[agent_id]))
+            metrics[agent_id].update(staleness(round_idx, inboxes[agent_id]))
         outgoing: dict[int, Prediction] = {}
-        if publish:
-            for agent_id, agent in self.agents.items():
-                if agent.stopped:  # stopped by its privacy budget (agents/privacy.py)
-                    continue
-                outgoing[agent_id] = agent.predict(round_idx + 1)
-                metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
-                metrics[agent_id].update(agent.release_metrics())
+        for agent_id in self.publishers(plan, publish):
+            agent = self.agents[agent_id]
+            if agent.stopped:  # stopped by its privacy budget (agents/privacy.py)
+                continue
+            outgoing[agent_id] = agent.predict(round_idx + 1)
+            metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
+            metrics[agent_id].update(agent.release_metrics())
         return metrics, outgoing
 
-    def inboxes(self, incoming: Iterable[Bundle]) -> dict[int, list[Prediction]]:
-        """Each hosted agent's in-neighbours' predictions, picked out of the incoming bundles."""
+    def active(self, plan: RoundPlan) -> list[int]:
+        """Hosted agents that train this round, in hosting order."""
+        return [agent_id for agent_id in self.agents if agent_id in plan.active]
+
+    def publishers(self, plan: RoundPlan, publish: bool) -> list[int]:
+        """Hosted agents that predict on the next public batch this round, in hosting order."""
+        return [agent_id for agent_id in self.agents if publish and agent_id in plan.publishers]
+
+    def inboxes(self, round_idx: int, incoming: Iterable[Bundle], plan: RoundPlan) -> dict[int, list[Prediction]]:
+        """Deliver the plan's messages out of the incoming bundles; each active agent's usable messages.
+
+        A delivery whose message is not in the bundles (its sender did not publish, or a restore
+        re-sent another batch) delivers nothing.
+        """
         by_sender: dict[int, Prediction] = {}
         for bundle in incoming:
             by_sender.update(bundle)
-        return {
-            agent_id: [by_sender[sender] for sender in agent.in_neighbours if sender in by_sender]
-            for agent_id, agent in self.agents.items()
-        }
+        usable: dict[int, list[Prediction]] = {}
+        for agent_id in self.active(plan):
+            inbox = self.agents[agent_id].inbox
+            for delivery in plan.deliveries.get(agent_id, ()):
+                message = by_sender.get(delivery.sender)
+                if message is not None and message.batch_id == delivery.batch_id:
+                    inbox.receive(message, delivery.arrives)
+            inbox.open(round_idx)
+            usable[agent_id] = inbox.usable(round_idx, plan.max_staleness)
+        return usable
 
     # ---- weight-sharing baselines only (fedavg, gossip): weights cross on purpose -----------
 
@@ -115,6 +138,21 @@ class AgentGroup:
             agent.load_state_dict(state)
         in_flight = {agent_id: agent.last_published for agent_id, agent in self.agents.items()}
         return {agent_id: message for agent_id, message in in_flight.items() if message is not None}
+
+
+def staleness(round_idx: int, inbox: Iterable[Prediction]) -> dict[str, float]:
+    """How old the messages an agent distils from are: 0 for one made at the end of the previous round.
+
+    Reported as a count, sum and max, so the driver can average over every message used.
+    """
+    ages = [round_idx - message.batch_id for message in inbox]
+    if not ages:
+        return {}
+    return {
+        "inbox/messages": float(len(ages)),
+        "inbox/staleness_sum": float(sum(ages)),
+        "inbox/staleness_max": float(max(ages)),
+    }
 
 
 def agent_state_file(agent_id: int) -> str:

@@ -39,10 +39,12 @@ from agents.agent import (
     AgentSpec,
     ExecutionConfig,
     PublicData,
+    Teachers,
     TrainConfig,
     count_correct,
 )
-from agents.group import AgentGroup, Bundle
+from agents.group import AgentGroup, Bundle, staleness
+from agents.inbox import RoundPlan
 from agents.losses import EMBEDDING_TERM, mhd_terms, weighted_total
 from agents.messages import EvalCounts, Prediction, check_metrics
 from agents.model import ModelConfig, MultiHeadModel
@@ -112,15 +114,17 @@ class StackedSGD:
 class Cohort:
     """Agents whose steps this round have the same loss terms, so one vmapped call serves them.
 
-    Agents of one group differ only in what their inbox held: no message (cross-entropy only,
-    no public samples), messages covering more or fewer heads, or without embeddings. Grouping
-    by the terms, rather than masking absent terms with zero weights, keeps each agent's
-    forward batch, reported terms and updated parameters what `Agent` computes; a round has one
-    cohort in the usual case.
+        Agents of one group differ only in what their inbox held: no message (cross-entropy only,
+        no public samples), messages covering more or fewer heads, without embeddings, or made on
+    other public batches (late messages, docs/dynamic.md). Grouping
+        by the terms, rather than masking absent terms with zero weights, keeps each agent's
+        forward batch, reported terms and updated parameters what `Agent` computes; a round has one
+        cohort in the usual case.
     """
 
     agents: list[Agent]
-    teachers: list[dict[str, Tensor]]  # per agent: term name -> target on the public batch, [P, C] or [P, D]
+    teachers: list[dict[str, Tensor]]  # per agent: term name -> target on the distillation pool, [P', C] or [P', D]
+    batches: tuple[int, ...]  # the public batches of the pool (the same for the whole cohort)
 
     @property
     def distils(self) -> bool:
@@ -152,31 +156,34 @@ class VectorizedAgentGroup(AgentGroup):
     # ---- training -------------------------------------------------------------------------
 
     def run_round(
-        self, round_idx: int, incoming: Iterable[Bundle], publish: bool
+        self, round_idx: int, incoming: Iterable[Bundle], publish: bool, plan: RoundPlan | None = None
     ) -> tuple[dict[int, dict[str, float]], dict[int, Prediction]]:
         """AgentGroup.run_round, with every cohort's steps vmapped and one vmapped prediction."""
-        inboxes = self.inboxes(incoming)
-        teachers = {
-            agent_id: agent.round_targets(round_idx, inboxes[agent_id]) for agent_id, agent in self.agents.items()
-        }
+        plan = plan or RoundPlan.static({i: agent.in_neighbours for i, agent in self.agents.items()}, round_idx)
+        inboxes = self.inboxes(round_idx, incoming, plan)
+        active = self.active(plan)
+        teachers = {agent_id: self.agents[agent_id].round_targets(round_idx, inboxes[agent_id]) for agent_id in active}
         found: dict[int, dict[str, float]] = {}
         for cohort in self._cohorts(teachers):
             found.update(self._train_cohort(round_idx, cohort))
-        metrics = {agent_id: check_metrics(found[agent_id]) for agent_id in self.agents}
+        metrics = {agent_id: check_metrics(found[agent_id]) for agent_id in active}
+        for agent_id in active:
+            metrics[agent_id].update(staleness(round_idx, inboxes[agent_id]))
         outgoing: dict[int, Prediction] = {}
-        if publish:
-            outgoing = self._predict(round_idx + 1)
+        publishers = self.publishers(plan, publish)
+        if publishers:
+            outgoing = self._predict(round_idx + 1, [self.agents[agent_id] for agent_id in publishers])
             for agent_id, message in outgoing.items():
                 metrics[agent_id]["comm/message_bytes"] = float(message.nbytes)
                 metrics[agent_id].update(self.agents[agent_id].release_metrics())
         return metrics, outgoing
 
-    def _cohorts(self, teachers: dict[int, dict[str, Tensor]]) -> list[Cohort]:
-        cohorts: dict[tuple[str, ...], Cohort] = {}
-        for agent_id, agent in self.agents.items():
-            cohort = cohorts.setdefault(tuple(teachers[agent_id]), Cohort([], []))
-            cohort.agents.append(agent)
-            cohort.teachers.append(teachers[agent_id])
+    def _cohorts(self, teachers: dict[int, Teachers]) -> list[Cohort]:
+        cohorts: dict[tuple[tuple[str, ...], tuple[int, ...]], Cohort] = {}
+        for agent_id, found in teachers.items():
+            cohort = cohorts.setdefault((tuple(found.targets), found.batches), Cohort([], [], found.batches))
+            cohort.agents.append(self.agents[agent_id])
+            cohort.teachers.append(found.targets)
         return list(cohorts.values())
 
     def _train_cohort(self, round_idx: int, cohort: Cohort) -> dict[int, dict[str, float]]:
@@ -185,7 +192,7 @@ class VectorizedAgentGroup(AgentGroup):
         params = stack_parameters(cohort.agents)
         trained = trained_parameters(self.base, EMBEDDING_TERM in cohort.teachers[0])
         buffers = stack_momentum(cohort.agents, trained) if sgd.momentum != 0 else {}
-        public_batch = self.template.public_batch(round_idx) if cohort.distils else None
+        public_batch = self.template.distill_pool(cohort.batches) if cohort.distils else None
         self.base.train()
         history: dict[str, list[Tensor]] = {}
         for _ in range(self.template.spec.train.local_steps):
@@ -241,9 +248,8 @@ class VectorizedAgentGroup(AgentGroup):
 
     # ---- what leaves the agents ------------------------------------------------------------
 
-    def _predict(self, batch_id: int) -> dict[int, Prediction]:
-        """Every agent's `Agent.predict(batch_id)`, from one vmapped forward pass."""
-        agents = list(self.agents.values())
+    def _predict(self, batch_id: int, agents: list[Agent]) -> dict[int, Prediction]:
+        """Each of `agents`' `Agent.predict(batch_id)`, from one vmapped forward pass."""
         params = stack_parameters(agents)
         distill = self.template.spec.distill
         self.base.eval()

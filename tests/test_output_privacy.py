@@ -28,7 +28,7 @@ from agents.output_privacy import (
     randomized_response,
 )
 from sim.core.errors import ConfigError
-from sim.experiment.assembly import build_experiment, check_config
+from sim.experiment.assembly import build_experiment
 from sim.experiment.output_privacy import (
     L2_SENSITIVITY,
     OutputPrivacyPlan,
@@ -36,6 +36,7 @@ from sim.experiment.output_privacy import (
     gaussian_epsilon,
     pure_composition,
 )
+from sim.experiment.settings import check_config
 from sim.run.main import run
 from tests.conftest import PLAIN_CPU, TINY, make_config
 

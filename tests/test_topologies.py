@@ -269,3 +269,10 @@ def test_every_topology_builds_from_its_yaml_defaults(yaml_file: Path, tmp_path:
         write_edge_list(nx.complete_graph(8, create_using=nx.DiGraph), params["path"])
     graph = build_topology(name, 8, SEED, params)
     assert list(graph) == list(range(8))
+
+
+def test_an_edge_list_mixing_integers_and_names_is_refused_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "graph.txt"
+    path.write_text("0 1\n1 2\n1 two\n")
+    with pytest.raises(ConfigError, match=r"topology.path=.*graph.txt.* line 3 names agent 'two'"):
+        build("from_file", 3, path=str(path))

@@ -39,16 +39,36 @@ def read_edge_list(path: Path) -> nx.DiGraph[str]:
     """Parse the `write_edge_list` format; labels stay strings for the caller to relabel.
 
     "u v" is an edge u -> v, a lone "u" an agent without edges; blank lines and text after
-    "#" are ignored.
+    "#" are ignored. Labels are all integers or all names: a file that mixes them (`1 two`)
+    is a typo, refused naming the line.
     """
     graph: nx.DiGraph[str] = nx.DiGraph()
+    first_line: dict[str, int] = {}  # label -> the line it first appears on
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split("#", 1)[0].split()
         if len(fields) > 2:
             raise ConfigError(
                 config_key("path"), str(path), f"line {line_number} should be 'u v' or a lone 'u': {line!r}"
             )
+        for label in fields:
+            first_line.setdefault(label, line_number)
         graph.add_nodes_from(fields)
         if len(fields) == 2:
             graph.add_edge(fields[0], fields[1])
+    names = [label for label in first_line if not is_integer(label)]
+    if names and len(names) < len(first_line):
+        line_number = first_line[names[0]]
+        raise ConfigError(
+            config_key("path"),
+            str(path),
+            f"line {line_number} names agent {names[0]!r} among integer agents: use integers or names throughout",
+        )
     return graph
+
+
+def is_integer(label: str) -> bool:
+    try:
+        int(label)
+    except ValueError:
+        return False
+    return True

@@ -8,7 +8,7 @@ from xml.etree.ElementTree import ParseError
 import networkx as nx
 
 from sim.core.errors import ConfigError
-from topologies.edges import read_edge_list
+from topologies.edges import is_integer, read_edge_list
 from topologies.params import config_key
 from topologies.registry import TOPOLOGIES
 
@@ -46,16 +46,8 @@ def _read_graphml(file: Path) -> nx.DiGraph[str]:
 
 def _relabel_in_sorted_order(graph: nx.DiGraph[str]) -> nx.DiGraph[int]:
     """A copy on nodes 0..K-1, numbered in the sorted order of the original labels."""
-    labels = sorted(graph, key=int) if all(_is_integer(label) for label in graph) else sorted(graph)
+    labels = sorted(graph, key=int) if all(is_integer(label) for label in graph) else sorted(graph)
     agent_of = {label: agent for agent, label in enumerate(labels)}
     relabelled: nx.DiGraph[int] = nx.empty_graph(len(labels), create_using=nx.DiGraph)
     relabelled.add_edges_from((agent_of[sender], agent_of[receiver]) for sender, receiver in graph.edges())
     return relabelled
-
-
-def _is_integer(label: str) -> bool:
-    try:
-        int(label)
-    except ValueError:
-        return False
-    return True

@@ -1,12 +1,14 @@
-"""Random topologies drawn by networkx generators, each fully determined by `seed`.
+"""Random topologies, each fully determined by `seed`.
 
-All of them are undirected graphs turned into both directions: linked agents exchange
-predictions both ways.
+Most are undirected graphs turned into both directions (linked agents exchange predictions both
+ways); `directed_erdos_renyi` and `k_out` are directed. `k_out` and `random_matching` are meant
+to be re-drawn every round (`topology.resample_every`, docs/dynamic.md).
 """
 
 from __future__ import annotations
 
 import networkx as nx
+import numpy as np
 
 from sim.core.errors import ConfigError
 from topologies.params import check_int, check_probability, config_key
@@ -56,3 +58,45 @@ def random_regular(num_agents: int, seed: int, *, degree: int) -> nx.DiGraph[int
             config_key("degree"), degree, f"degree x num_agents must be even, and {degree} x {num_agents} is odd"
         )
     return both_directions(nx.random_regular_graph(degree, num_agents, seed=seed))
+
+
+@TOPOLOGIES.register("directed_erdos_renyi")
+def directed_erdos_renyi(num_agents: int, seed: int, *, p: float) -> nx.DiGraph[int]:
+    """Each ordered pair u -> v is an edge independently with probability `p`.
+
+    Unlike erdos_renyi, hearing someone does not mean being heard back.
+    """
+    graph: nx.DiGraph[int] = nx.gnp_random_graph(num_agents, check_probability("p", p), seed=seed, directed=True)
+    return graph
+
+
+@TOPOLOGIES.register("k_out")
+def k_out(num_agents: int, seed: int, *, k: int) -> nx.DiGraph[int]:
+    """Every agent sends to `k` peers drawn uniformly without replacement (peer sampling).
+
+    Re-drawn every round (`topology.resample_every=1`) this is the epidemic-learning graph: each
+    agent's out-degree is exactly k, its in-degree k on average.
+    """
+    peers = check_int("k", k, 1, num_agents - 1)
+    rng = np.random.default_rng(seed)
+    graph: nx.DiGraph[int] = nx.empty_graph(num_agents, create_using=nx.DiGraph)
+    for sender in range(num_agents):
+        others = np.array([agent for agent in range(num_agents) if agent != sender])
+        graph.add_edges_from(
+            (sender, int(receiver)) for receiver in sorted(rng.choice(others, size=peers, replace=False))
+        )
+    return graph
+
+
+@TOPOLOGIES.register("random_matching")
+def random_matching(num_agents: int, seed: int) -> nx.DiGraph[int]:
+    """Agents paired at random, each pair exchanging both ways; with odd K one agent sits out.
+
+    Re-drawn every round (its YAML's default) each agent talks to one new peer per round: the
+    sparsest graph through which knowledge still spreads over time.
+    """
+    order = np.random.default_rng(seed).permutation(num_agents)
+    graph: nx.DiGraph[int] = nx.empty_graph(num_agents, create_using=nx.DiGraph)
+    for first, second in zip(order[0::2], order[1::2], strict=False):
+        graph.add_edges_from([(int(first), int(second)), (int(second), int(first))])
+    return graph

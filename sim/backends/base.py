@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from agents.agent import AgentSpec, PublicData
+from agents.inbox import RoundPlan
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
 from sim.backends.storage import StorageDir
@@ -59,8 +60,21 @@ class GroupPlan:
     """One worker's share of the population and whose predictions it needs."""
 
     specs: list[AgentSpec]  # the agents this worker hosts (each with its own shard)
-    sources: list[int]  # indices of the groups whose bundles carry this group's in-neighbours
-    publishes: bool  # whether any agent here has an out-neighbour
+    sources: list[int]  # indices of the groups whose bundles carry this group's in-neighbours (lock-step)
+    publishes: bool  # whether any agent here has an out-neighbour (lock-step)
+
+    @property
+    def agent_ids(self) -> list[int]:
+        return [spec.agent_id for spec in self.specs]
+
+
+def round_sources(plans: Sequence[GroupPlan], plan: RoundPlan) -> list[list[int]]:
+    """Per group, the groups whose last bundles carry a message its agents receive this round.
+
+    The per-round form of `GroupPlan.sources`, for a network that changes between rounds.
+    """
+    group_of = {agent_id: index for index, group in enumerate(plans) for agent_id in group.agent_ids}
+    return [sorted({group_of[sender] for sender in plan.senders(group.agent_ids)}) for group in plans]
 
 
 @dataclass(frozen=True)
@@ -80,10 +94,13 @@ class Backend(ABC):
         """Create the workers; returns when every agent is resident and ready."""
 
     @abstractmethod
-    def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
-        """Train every agent on round `round_idx`; metrics per agent id.
+    def run_round(self, round_idx: int, publish: bool, plan: RoundPlan | None = None) -> dict[int, dict[str, float]]:
+        """Train the agents on round `round_idx`; metrics per agent id that trained.
 
-        Predictions published in round r are delivered to the in-neighbours in round r + 1.
+        Without a `plan` (lock-step): every agent trains, and predictions published in round r
+        are delivered to the in-neighbours in round r + 1. A plan (sim/experiment/schedule.py)
+        names the round's active agents, publishers and deliveries instead; each group then gets
+        the bundles of the groups whose messages it receives this round.
         `publish=False` skips predicting (the last round, or a method without messages).
         """
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from agents.agent import ExecutionConfig, PublicData
 from agents.group import AgentGroup, Bundle
 from agents.hosting import build_group
+from agents.inbox import RoundPlan
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing, WeightBundle
-from sim.backends.base import Backend, GroupPlan
+from sim.backends.base import Backend, GroupPlan, round_sources
 from sim.backends.storage import StorageDir
 
 
@@ -27,12 +28,17 @@ class SerialBackend(Backend):
         self.groups = [build_group(plan.specs, public, self.execution) for plan in self.plans]
         self.bundles = [{} for _ in self.plans]
 
-    def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
+    def run_round(self, round_idx: int, publish: bool, plan: RoundPlan | None = None) -> dict[int, dict[str, float]]:
         metrics: dict[int, dict[str, float]] = {}
         outgoing: list[Bundle] = []
-        for group, plan in zip(self.groups, self.plans, strict=True):
-            incoming = [self.bundles[source] for source in plan.sources]
-            group_metrics, bundle = group.run_round(round_idx, incoming, publish and plan.publishes)
+        sources = [group.sources for group in self.plans] if plan is None else round_sources(self.plans, plan)
+        for index, group in enumerate(self.groups):
+            incoming = [self.bundles[source] for source in sources[index]]
+            if plan is None:
+                group_metrics, bundle = group.run_round(round_idx, incoming, publish and self.plans[index].publishes)
+            else:
+                group_plan = plan.for_agents(self.plans[index].agent_ids)
+                group_metrics, bundle = group.run_round(round_idx, incoming, publish, group_plan)
             metrics.update(group_metrics)
             outgoing.append(bundle)
         self.bundles = outgoing

@@ -44,6 +44,7 @@ from sim.experiment.methods import METHODS, MethodPlan
 from sim.experiment.optimizer import train_config
 from sim.experiment.params import builder_params
 from sim.experiment.privacy import check_privacy, privacy_group
+from sim.experiment.schedule import NetworkSchedule, network_schedule
 from topologies import build_topology
 
 # Keys of conf/data/*.yaml consumed here; the rest are options of the dataset loader.
@@ -75,6 +76,7 @@ class Settings:
     agent_train: tuple[TrainConfig, ...]  # per agent: train with its backbone's optimizer overrides
     public_size: int
     public_batch_size: int
+    schedule: NetworkSchedule  # the network of every round: live edges, active agents, delays (docs/dynamic.md)
 
 
 def check_config(cfg: DictConfig) -> Settings:
@@ -98,22 +100,26 @@ def check_config(cfg: DictConfig) -> Settings:
     _check_builder_options(cfg, backbones)
     train = train_config(cfg.train)
     check_privacy(privacy_group(cfg), cfg.method, cfg.runtime)
+    rounds = positive_int("rounds", cfg.rounds)
+    method = METHODS.get(str(cfg.method.name))(builder_params(cfg.method), aux_heads)
+    graph = build_topology(str(cfg.topology.name), num_agents, seed, builder_params(cfg.topology))
     return Settings(
         num_agents=num_agents,
-        rounds=positive_int("rounds", cfg.rounds),
+        rounds=rounds,
         eval_every=positive_int("eval_every", cfg.eval_every),
         eval_subset_size=optional_positive_int("eval_subset_size", cfg.eval_subset_size),
         convergence=convergence_rule(cfg.convergence),
         seed=seed,
         method_name=str(cfg.method.name),
-        method=METHODS.get(str(cfg.method.name))(builder_params(cfg.method), aux_heads),
-        graph=build_topology(str(cfg.topology.name), num_agents, seed, builder_params(cfg.topology)),
+        method=method,
+        graph=graph,
         runtime=runtime,
         train=train,
         backbones=tuple(backbones),
         agent_train=agent_train_configs(backbones, train),
         public_size=public_size,
         public_batch_size=public_batch_size,
+        schedule=network_schedule(cfg, num_agents, seed, rounds, method, graph),
     )
 
 

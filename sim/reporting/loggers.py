@@ -1,4 +1,5 @@
-"""Where metrics go: the run directory's metrics.jsonl and rounds.jsonl always, plus the sinks of `logger`.
+"""Where metrics go: the run directory's metrics.jsonl and rounds.jsonl always (network.jsonl for a
+dynamic network, docs/dynamic.md), plus the sinks of `logger`.
 
 A sink sees the run start, every round, every evaluation and the summary; `close` is always
 called (in a finally), so a wandb run is finished even when the simulation fails.
@@ -34,6 +35,9 @@ class Sink:
     def log_round(self, round_idx: int, record: dict[str, float]) -> None: ...
 
     def log_eval(self, round_idx: int, record: dict[str, Any]) -> None: ...
+
+    def log_network(self, round_idx: int, record: dict[str, Any]) -> None:
+        """A dynamic network's round (sim/run/loop.py:network_record): active agents and messages."""
 
     def finish(self, summary: dict[str, Any]) -> None: ...
 
@@ -76,6 +80,9 @@ class JsonlSink(Sink):
     def __init__(self, run_dir: Path) -> None:
         self.evaluations = JsonlFile(run_dir / "metrics.jsonl")
         self.rounds = JsonlFile(run_dir / "rounds.jsonl")
+        self.network_path = run_dir / "network.jsonl"
+        # network.jsonl only for a dynamic network; open it now if a resumed run has one
+        self.network: JsonlFile | None = JsonlFile(self.network_path) if self.network_path.exists() else None
 
     def log_round(self, round_idx: int, record: dict[str, float]) -> None:
         self.rounds.append({**record, "round": round_idx + 1})  # rounds completed, as in metrics.jsonl
@@ -83,13 +90,22 @@ class JsonlSink(Sink):
     def log_eval(self, round_idx: int, record: dict[str, Any]) -> None:
         self.evaluations.append(record)
 
+    def log_network(self, round_idx: int, record: dict[str, Any]) -> None:
+        if self.network is None:
+            self.network = JsonlFile(self.network_path)
+        self.network.append(record)
+
     def rewind(self, next_round: int) -> None:
         self.evaluations.keep_through(next_round)
         self.rounds.keep_through(next_round)
+        if self.network is not None:
+            self.network.keep_through(next_round)
 
     def close(self) -> None:
         self.evaluations.close()
         self.rounds.close()
+        if self.network is not None:
+            self.network.close()
 
 
 class ConsoleSink(Sink):

@@ -184,6 +184,37 @@ def communication_per_round(rounds: Sequence[Mapping[str, Any]]) -> Figure:
     return figure
 
 
+def network_over_time(network: Sequence[Mapping[str, Any]], num_agents: int) -> Figure:
+    """A dynamic network per round (active agents, messages per active agent, mean delay) and pair counts.
+
+    `network` is network.jsonl: per round "active" agents and "links" as [sender, receiver, delay].
+    """
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    rounds_ax, pairs_ax = figure.subplots(1, 2)
+    numbers = [record["round"] for record in network]
+    active = np.array([len(record["active"]) for record in network], dtype=float)
+    links = [record["links"] for record in network]
+    received = np.array([len(found) for found in links], dtype=float) / np.maximum(active, 1)
+    delay = [np.mean([link[2] for link in found]) if found else np.nan for found in links]
+    rounds_ax.plot(numbers, active, marker="o", markersize=3, label="active agents")
+    rounds_ax.plot(numbers, received, marker="s", markersize=3, label="messages sent per active agent")
+    rounds_ax.plot(numbers, delay, marker="^", markersize=3, label="mean delay (rounds)")
+    rounds_ax.set_ylim(bottom=0)
+    rounds_ax.legend(fontsize=8)
+    rounds_ax.set_title("Network per round")
+    _round_axis(rounds_ax)
+    counts = np.zeros((num_agents, num_agents), dtype=np.int64)
+    for found in links:
+        for sender, receiver, _ in found:
+            counts[sender, receiver] += 1
+    image = pairs_ax.imshow(counts, cmap="Blues", interpolation="nearest")
+    pairs_ax.set_xlabel("receiver")
+    pairs_ax.set_ylabel("sender")
+    figure.colorbar(image, ax=pairs_ax, label="rounds with a message")
+    pairs_ax.set_title("How often each pair talked")
+    return figure
+
+
 @dataclass(frozen=True)
 class GroupSeries:
     """One sweep group as the sweep figures need it: per head, mean and std over seeds."""

@@ -52,6 +52,11 @@ class RunFigure:
     file: str  # under plots/
     caption: str
     draw: Callable[[Run], Figure]
+    applies: Callable[[Run], bool] = lambda run: True  # drawn only for the runs it applies to
+
+
+def _figures(run: Run) -> list[RunFigure]:
+    return [figure for figure in RUN_FIGURES if figure.applies(run)]
 
 
 def _main_shared(run: Run) -> dict[int, float]:
@@ -84,6 +89,13 @@ RUN_FIGURES = (
         "Bytes of predictions put on the graph's edges, and wall time, per round.",
         lambda run: plots.communication_per_round(run.rounds),
     ),
+    RunFigure(
+        "network.png",
+        "A dynamic network (network.jsonl): active agents, messages sent per active agent and their mean "
+        "delay per round; how often each sender reached each receiver.",
+        lambda run: plots.network_over_time(run.network, len(run.class_counts)),
+        lambda run: bool(run.network),
+    ),
 )
 
 
@@ -93,7 +105,7 @@ def write_run_report(run_dir: Path) -> Path:
     if not run.completed:
         status = f"{run.summary.get('status')}: {run.summary.get('error', 'see summary.json')}"
         raise ConfigError("RUN_DIR", str(run_dir), f"a completed run (this one is {status})")
-    for figure in RUN_FIGURES:
+    for figure in _figures(run):
         plots.save(figure.draw(run), run_dir / "plots" / figure.file)
     page = run_dir / "report.html"
     page.write_text(run_page(run))
@@ -119,6 +131,8 @@ def run_page(run: Run) -> str:
         "convergence": summary.get("convergence", {}).get("note", "not recorded (a run of an older version)"),
         "privacy": privacy_line(summary["privacy"]) if "privacy" in summary else "none (privacy=none)",
     }
+    if "network" in summary:  # a dynamic network (docs/dynamic.md)
+        facts["network"] = ", ".join(f"{key} {value}" for key, value in summary["network"].items())
     head_rows = [
         [head, *(f"{row[f'{metric}{suffix}']:.3f}" for metric in ("shared_acc", "private_acc") for suffix in SPREAD)]
         for head, row in summary["final"]["heads"].items()
@@ -135,7 +149,7 @@ def run_page(run: Run) -> str:
         f"<h2>Final accuracy per head (round {summary['final']['round']}, over agents)</h2>",
         _table(["head", "shared mean", "min", "max", "private mean", "min", "max"], head_rows),
         "<h2>Plots</h2>",
-        *(_figure(f"plots/{figure.file}", figure.caption) for figure in RUN_FIGURES),
+        *(_figure(f"plots/{figure.file}", figure.caption) for figure in _figures(run)),
         *privacy_section(summary),
         "<h2>Final accuracy per agent</h2>",
         f"<details><summary>{len(agent_rows)} rows</summary>",

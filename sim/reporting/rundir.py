@@ -1,7 +1,8 @@
 """A finished run directory read back as one typed record, for reports, sweeps and wandb.
 
 sim/run/main.py writes config.yaml, summary.json, metrics.jsonl (one line per evaluation),
-rounds.jsonl (one line per round), partition.csv and graph.edgelist. Everything downstream
+rounds.jsonl (one line per round), partition.csv, graph.edgelist and, for a dynamic network,
+network.jsonl (one line per round: active agents and messages, docs/dynamic.md). Everything downstream
 (report pages, sweep tables, wandb images) reads those files, never the live simulation, so
 the same code serves a run that just ended and a run from last month. Runs written before
 rounds.jsonl existed fall back to the round fields each evaluation line carries.
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 
 from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
+from topologies.edges import read_edge_list
 
 AgentHeads = dict[int, dict[str, dict[str, float]]]  # agent -> head -> shared_acc/private_acc
 
@@ -37,6 +39,7 @@ class Run:
     rounds: list[dict[str, Any]]  # per round: losses, comm/bytes, time/round_s; "round" = rounds completed
     class_counts: np.ndarray  # [K, C] private samples per agent and class
     graph: nx.DiGraph  # edge u -> v: v distils from u's predictions; every agent is a node
+    network: list[dict[str, Any]]  # network.jsonl: per round "active" agents, "links" [sender, receiver, delay]
 
     @property
     def completed(self) -> bool:
@@ -74,6 +77,7 @@ def load_run(directory: Path) -> Run:
         rounds=rounds,
         class_counts=class_counts,
         graph=read_graph(directory / "graph.edgelist", len(class_counts)),
+        network=read_jsonl(directory / "network.jsonl"),  # empty for a static network
     )
 
 
@@ -92,11 +96,13 @@ def read_partition(path: Path) -> np.ndarray:
 
 
 def read_graph(path: Path, num_agents: int) -> nx.DiGraph:
-    """The communication graph from `u v` lines, with agents that have no edges included."""
+    """The communication graph from graph.edgelist (`u v` lines, lone agents), every agent a node."""
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(range(num_agents))
-    lines = path.read_text().splitlines() if path.is_file() else []
-    graph.add_edges_from((int(u), int(v)) for u, v, *_ in (line.split() for line in lines if line.strip()))
+    if path.is_file():
+        written = read_edge_list(path)
+        graph.add_nodes_from(int(agent) for agent in written)
+        graph.add_edges_from((int(u), int(v)) for u, v in written.edges())
     return graph
 
 

@@ -46,6 +46,11 @@ class LoopState:
     last_eval: dict[str, Any] = field(default_factory=dict)
     actor_failures: int = 0
     rounds_replayed: int = 0
+    # A dynamic network's totals (the schedule itself is a pure function of the round: nothing to save)
+    messages_used: int = 0  # messages the agents distilled from, over all rounds
+    staleness_sum: float = 0.0  # their ages in rounds, summed
+    staleness_max: float = 0.0
+    agent_rounds_active: int = 0  # agents that took part, summed over rounds
 
 
 @dataclass(frozen=True)

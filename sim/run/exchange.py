@@ -11,6 +11,11 @@
 
 A method names its kind in `MethodPlan.exchange`. Each kind also says which links carry one
 message in a round, so that bytes per edge mean the same for every method: one message's size.
+Every kind follows the run's network schedule (sim/experiment/schedule.py, docs/dynamic.md):
+predictions travel on the round's live edges from its active agents, FedAvg averages the
+round's active agents only (client sampling; the others keep their weights), gossip mixes
+active agents with their active neighbours on the round's graph, and all of them exchange
+only every `comm_every` rounds.
 Bytes count the payload arrays only (float32 weights: 4 bytes a value); the weight-sharing
 baselines' shared starting point (agent 0's initial weights, as a server or a common seed
 would give) is not counted.
@@ -19,8 +24,11 @@ would give) is not counted.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
+
+import networkx as nx
 
 from agents.weight_sharing import INITIAL_ROUND
 from sim.backends import Backend
@@ -55,6 +63,11 @@ class Exchange(ABC):
     def link_rounds(self) -> int:
         """Links that carry one message, summed over the run's rounds (bytes per edge divides by it)."""
 
+    def links(self, round_idx: int) -> list[tuple[int, int, int]]:
+        """(sender, receiver, delay) of the agent-to-agent messages of `round_idx` (network.jsonl)."""
+        del round_idx
+        return []
+
 
 EXCHANGES: Registry[Callable[[Experiment], Exchange]] = Registry("method exchange")
 
@@ -77,17 +90,26 @@ class PredictionExchange(Exchange):
 
     def __init__(self, experiment: Experiment) -> None:
         self.rounds = experiment.settings.rounds
+        self.schedule = experiment.settings.schedule
         self.edges = experiment.graph.number_of_edges()
         self.out_degree = dict(experiment.graph.out_degree())  # messages each agent puts on edges per round
 
     def publishes(self, round_idx: int) -> bool:
-        return round_idx < self.rounds - 1  # nobody trains on a prediction made after the last round
+        # nobody trains on a prediction made after the last round
+        return round_idx < self.rounds - 1 and self.schedule.communicates(round_idx)
+
+    def links(self, round_idx: int) -> list[tuple[int, int, int]]:
+        return self.schedule.sends(round_idx) if self.publishes(round_idx) else []
 
     def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
-        return round_bytes(metrics, self.out_degree)
+        if self.schedule.static:
+            return round_bytes(metrics, self.out_degree)
+        return round_bytes(metrics, Counter(sender for sender, _, _ in self.links(round_idx)))
 
     def link_rounds(self) -> int:
-        return self.edges * (self.rounds - 1)
+        if self.schedule.static:
+            return self.edges * (self.rounds - 1)
+        return sum(len(self.links(round_idx)) for round_idx in range(self.rounds))
 
 
 class WeightExchange(Exchange):
@@ -104,6 +126,7 @@ class WeightExchange(Exchange):
             )
         self.agents = [spec.agent_id for spec in experiment.specs]
         self.rounds = experiment.settings.rounds
+        self.schedule = experiment.settings.schedule
 
     def start(self, backend: Backend) -> None:
         """Every agent starts from agent 0's initial weights, as FedAvg and D-PSGD assume."""
@@ -114,14 +137,29 @@ class WeightExchange(Exchange):
 class FedAvgExchange(WeightExchange):
     def __init__(self, experiment: Experiment) -> None:
         super().__init__(experiment)
-        self.mixing = shard_weighted_mean({spec.agent_id: len(spec.private_y) for spec in experiment.specs})
+        self.shard_sizes = {spec.agent_id: len(spec.private_y) for spec in experiment.specs}
+        self.mixing = shard_weighted_mean(self.shard_sizes)
+
+    def clients(self, round_idx: int) -> list[int]:
+        """The agents that take part in this round's average: the active ones, in rounds that communicate."""
+        if not self.schedule.communicates(round_idx):
+            return []
+        return sorted(self.schedule.active(round_idx))
 
     def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
-        uploads = backend.mix_weights(round_idx, self.mixing)
-        return 2 * sum(uploads.values())  # each agent's upload, and its download of an equal-sized average
+        if self.schedule.static:
+            mixing = self.mixing
+        else:  # client sampling: the shard-weighted mean of the active agents, loaded by them alone
+            mixing = shard_weighted_mean({agent: self.shard_sizes[agent] for agent in self.clients(round_idx)})
+        if not mixing:
+            return 0
+        uploads = backend.mix_weights(round_idx, mixing)
+        return 2 * sum(uploads[agent] for agent in mixing)  # each upload, and its download of an equal-sized average
 
     def link_rounds(self) -> int:
-        return 2 * len(self.agents) * self.rounds
+        if self.schedule.static:
+            return 2 * len(self.agents) * self.rounds
+        return 2 * sum(len(self.clients(round_idx)) for round_idx in range(self.rounds))
 
 
 @EXCHANGES.register("gossip")
@@ -129,16 +167,34 @@ class GossipExchange(WeightExchange):
     def __init__(self, experiment: Experiment) -> None:
         super().__init__(experiment)
         assert experiment.settings.method.mixing is not None  # the gossip builder always sets one
-        self.mixing = MIXING_RULES.get(experiment.settings.method.mixing)(experiment.graph)
+        self.rule = MIXING_RULES.get(experiment.settings.method.mixing)
+        self.mixing = self.rule(experiment.graph)
         self.edges = experiment.graph.number_of_edges()
         self.out_degree = dict(experiment.graph.out_degree())
 
+    def round_graph(self, round_idx: int) -> nx.DiGraph:
+        """The round's live edges between its active agents (empty in rounds that do not communicate)."""
+        if not self.schedule.communicates(round_idx):
+            return nx.DiGraph()
+        return self.schedule.graph(round_idx).subgraph(self.schedule.active(round_idx))
+
+    def links(self, round_idx: int) -> list[tuple[int, int, int]]:
+        return [(u, v, 0) for u, v in sorted(self.round_graph(round_idx).edges())]
+
     def after_training(self, backend: Backend, round_idx: int, metrics: RoundMetrics) -> int:
-        sizes = backend.mix_weights(round_idx, self.mixing)
-        return sum(sizes[agent] * degree for agent, degree in self.out_degree.items())
+        if self.schedule.static:
+            sizes = backend.mix_weights(round_idx, self.mixing)
+            return sum(sizes[agent] * degree for agent, degree in self.out_degree.items())
+        graph = self.round_graph(round_idx)
+        if graph.number_of_nodes() == 0:
+            return 0
+        sizes = backend.mix_weights(round_idx, self.rule(graph))  # rows for the active agents only
+        return sum(sizes[agent] * degree for agent, degree in graph.out_degree())
 
     def link_rounds(self) -> int:
-        return self.edges * self.rounds
+        if self.schedule.static:
+            return self.edges * self.rounds
+        return sum(self.round_graph(round_idx).number_of_edges() for round_idx in range(self.rounds))
 
 
 def build_exchange(experiment: Experiment) -> Exchange:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -142,12 +142,19 @@ def run_round(
 ) -> LoopState:
     """One round (and its evaluation when due); the state advances only if all of it succeeded."""
     round_idx = state.next_round
+    schedule = experiment.settings.schedule
     tick = time.perf_counter()
     faults.arm(backend, "train", round_idx)
-    metrics = backend.run_round(round_idx, exchange.publishes(round_idx))
+    plan = None if schedule.static else schedule.plan(round_idx)  # None: lock-step on the fixed graph
+    metrics = backend.run_round(round_idx, exchange.publishes(round_idx), plan)
     sent = exchange.after_training(backend, round_idx, metrics)
     elapsed = time.perf_counter() - tick
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
+    used = inbox_use(metrics)
+    record.update(used.record())
+    if plan is not None:
+        record["network/active"] = len(plan.active)
+        record["network/links"] = len(exchange.links(round_idx))
     evaluated, eval_s = None, 0.0
     if (round_idx + 1) % experiment.settings.eval_every == 0 or round_idx == experiment.settings.rounds - 1:
         faults.arm(backend, "evaluate", round_idx)
@@ -160,17 +167,53 @@ def run_round(
         evaluated = evaluation_record(experiment, counts, round_idx, record, full)
     for sink in sinks:
         sink.log_round(round_idx, record)
+        if plan is not None:
+            sink.log_network(round_idx, network_record(round_idx, plan.active, exchange.links(round_idx)))
         if evaluated is not None:
             sink.log_eval(round_idx, evaluated)
     return replace(
         state,
         next_round=round_idx + 1,
+        messages_used=state.messages_used + used.messages,
+        staleness_sum=state.staleness_sum + used.staleness_sum,
+        staleness_max=max(state.staleness_max, used.staleness_max),
+        agent_rounds_active=state.agent_rounds_active + (experiment.num_agents if plan is None else len(plan.active)),
         comm_bytes_total=state.comm_bytes_total + sent,
         round_times_s=[*state.round_times_s, elapsed],
         eval_time_s=state.eval_time_s + eval_s,
         eval_history=[*state.eval_history, history_point(evaluated)] if evaluated else state.eval_history,
         last_eval=evaluated or state.last_eval,
     )
+
+
+@dataclass(frozen=True)
+class InboxUse:
+    """How many messages the agents distilled from in a round, and how old they were (in rounds)."""
+
+    messages: int
+    staleness_sum: float
+    staleness_max: float
+
+    def record(self) -> dict[str, float]:
+        """staleness/mean and /max for rounds.jsonl and metrics.jsonl; nothing when no message was used."""
+        if not self.messages:
+            return {}
+        return {"staleness/mean": self.staleness_sum / self.messages, "staleness/max": self.staleness_max}
+
+
+def inbox_use(metrics: Mapping[int, Mapping[str, float]]) -> InboxUse:
+    """Sum the agents' inbox/* numbers (agents/group.py:staleness) over the round."""
+    reports = [agent for agent in metrics.values() if "inbox/messages" in agent]
+    return InboxUse(
+        messages=int(sum(agent["inbox/messages"] for agent in reports)),
+        staleness_sum=sum(agent["inbox/staleness_sum"] for agent in reports),
+        staleness_max=max((agent["inbox/staleness_max"] for agent in reports), default=0.0),
+    )
+
+
+def network_record(round_idx: int, active: frozenset[int], links: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """One line of network.jsonl: the round's active agents and its messages as [sender, receiver, delay]."""
+    return {"round": round_idx + 1, "active": sorted(active), "links": [list(link) for link in links]}
 
 
 @dataclass(frozen=True)
@@ -266,6 +309,7 @@ def final_summary(
         "comm_bytes_per_round": state.comm_bytes_total / experiment.settings.rounds,
         "comm_bytes_per_edge_per_round": per_edge_per_round(exchange, state.comm_bytes_total),
         "recovery": {"actor_failures": state.actor_failures, "rounds_replayed": state.rounds_replayed},
+        **network_summary(experiment, state),
         "runtime": backend.describe(),
         "evaluation": evaluation_facts(experiment),
         "convergence": convergence(state.eval_history, experiment.settings.rounds, experiment.settings.convergence),
@@ -273,6 +317,22 @@ def final_summary(
         "final": {key: last.get(key) for key in ("round", "test_samples", "heads", "per_agent")},
         **by_backbone(experiment, last["per_agent"]),
         **({} if experiment.privacy is None else experiment.privacy.summary(last)),
+    }
+
+
+def network_summary(experiment: Experiment, state: LoopState) -> dict[str, Any]:
+    """For a dynamic network (docs/dynamic.md): its settings, how many agents took part, how stale messages were."""
+    schedule = experiment.settings.schedule
+    if schedule.static:
+        return {}
+    return {
+        "network": {
+            **schedule.dynamics.describe(),
+            "active_fraction_mean": state.agent_rounds_active / (experiment.num_agents * max(state.next_round, 1)),
+            "messages_used": state.messages_used,
+            "staleness_mean": state.staleness_sum / state.messages_used if state.messages_used else None,
+            "staleness_max": state.staleness_max if state.messages_used else None,
+        }
     }
 
 

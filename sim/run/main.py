@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +31,7 @@ from sim.run.checkpoint import Checkpoint, CheckpointStore
 from sim.run.interrupt import RunInterrupted, resume_command
 from sim.run.loop import CheckpointPolicy, group_plans, run_rounds, write_json
 from sim.run.storage import new_run_storage, recorded_storage, storage_probe
+from topologies import write_edge_list
 
 WANDB_MODES = ("online", "offline", "disabled")
 RESUMABLE_GROUPS = ("runtime", "logger")  # may differ between a run and its resumption
@@ -155,4 +155,4 @@ def write_run_files(run_dir: Path, cfg: DictConfig, experiment: Experiment) -> N
     header = "agent," + ",".join(f"class_{c}" for c in range(counts.shape[1]))
     rows = np.column_stack([np.arange(len(counts)), counts])
     np.savetxt(run_dir / "partition.csv", rows, fmt="%d", delimiter=",", header=header, comments="")
-    nx.write_edgelist(experiment.graph, run_dir / "graph.edgelist", data=False)
+    write_edge_list(experiment.graph, run_dir / "graph.edgelist")  # reloads unchanged through topology=from_file

@@ -31,9 +31,18 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from agents.actor import AgentGroupActor, RemoteAgentGroup, WorkerRestartedError
 from agents.agent import AgentSpec, PublicData
+from agents.inbox import RoundPlan
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
-from sim.backends.base import Backend, GroupPlan, ProbeWrite, RecoveryFailedError, WorkerLostError, Workload
+from sim.backends.base import (
+    Backend,
+    GroupPlan,
+    ProbeWrite,
+    RecoveryFailedError,
+    WorkerLostError,
+    Workload,
+    round_sources,
+)
 from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
 from sim.backends.ray.placement import Node, Placement, plan_placement
 from sim.backends.runtime import RuntimeConfig, execution_config
@@ -179,12 +188,17 @@ class RayBackend(Backend):
             where += f" on {self.node_ips.get(self.locations[index]['node_id'], 'its node')}"
         return f"agents {agents} ({where}) could not be restored: {cause}"
 
-    def run_round(self, round_idx: int, publish: bool) -> dict[int, dict[str, float]]:
+    def run_round(self, round_idx: int, publish: bool, plan: RoundPlan | None = None) -> dict[int, dict[str, float]]:
         self._deliver_faults("train")
+        sources = [group.sources for group in self.plans] if plan is None else round_sources(self.plans, plan)
         calls = []
-        for actor, plan in zip(self.actors, self.plans, strict=True):
-            incoming = [ref for ref in (self.bundle_refs[source] for source in plan.sources) if ref is not None]
-            calls.append(actor.run_round.remote(round_idx, publish and plan.publishes, *incoming))
+        for index, (actor, group) in enumerate(zip(self.actors, self.plans, strict=True)):
+            incoming = [ref for ref in (self.bundle_refs[source] for source in sources[index]) if ref is not None]
+            if plan is None:
+                calls.append(actor.run_round.remote(round_idx, publish and group.publishes, None, *incoming))
+            else:
+                group_plan = plan.for_agents(group.agent_ids)  # only its own agents' part travels
+                calls.append(actor.run_round.remote(round_idx, publish, group_plan, *incoming))
         results = self._get(calls)
         metrics: dict[int, dict[str, float]] = {}
         for group_metrics, _ in results:
