@@ -64,25 +64,29 @@ def _parameters(agent: Agent) -> dict[str, torch.Tensor]:
 
 
 def test_the_schedule_is_a_pure_function_of_seed_and_round() -> None:
-    plans = [_experiment(*DYNAMIC).schedule.plan(r) for r in range(5)]
-    fresh = _experiment(*DYNAMIC).schedule
+    plans = [_experiment(*DYNAMIC).settings.schedule.plan(r) for r in range(5)]
+    fresh = _experiment(*DYNAMIC).settings.schedule
     assert [fresh.plan(r) for r in reversed(range(5))] == plans[::-1]  # any order of asking
-    other_seed = _experiment(*DYNAMIC, "seed=1").schedule
+    other_seed = _experiment(*DYNAMIC, "seed=1").settings.schedule
     assert [other_seed.plan(r) for r in range(5)] != plans
 
 
 def test_a_resampled_graph_differs_between_draws_and_is_fixed_by_the_seed() -> None:
-    schedule = _experiment("num_agents=8", "topology=erdos_renyi", "topology.resample_every=2", "rounds=6").schedule
+    schedule = _experiment(
+        "num_agents=8", "topology=erdos_renyi", "topology.resample_every=2", "rounds=6"
+    ).settings.schedule
     graphs = [sorted(schedule.graph(r).edges()) for r in range(6)]
     assert graphs[0] == graphs[1] and graphs[2] == graphs[3]  # one draw per 2 rounds
     assert graphs[0] != graphs[2] != graphs[4]
     assert graphs[0] == sorted(schedule.base_graph.edges())  # draw 0 is the static graph
-    again = _experiment("num_agents=8", "topology=erdos_renyi", "topology.resample_every=2", "rounds=6").schedule
+    again = _experiment(
+        "num_agents=8", "topology=erdos_renyi", "topology.resample_every=2", "rounds=6"
+    ).settings.schedule
     assert [sorted(again.graph(r).edges()) for r in range(6)] == graphs
 
 
 def test_edge_failures_remove_a_p_fail_share_of_edges() -> None:
-    schedule = _experiment("num_agents=8", "topology=complete", "topology.p_fail=0.25", "rounds=40").schedule
+    schedule = _experiment("num_agents=8", "topology=complete", "topology.p_fail=0.25", "rounds=40").settings.schedule
     live = [schedule.graph(r).number_of_edges() for r in range(40)]
     assert len(set(live)) > 1
     assert abs(np.mean(live) / 56 - 0.75) < 0.05
@@ -99,27 +103,27 @@ def test_new_topologies_have_their_shape() -> None:
 
 
 def test_participation_rules() -> None:
-    fraction = _experiment("num_agents=8", "participation.rule=fraction", "participation.q=0.5").schedule
+    fraction = _experiment("num_agents=8", "participation.rule=fraction", "participation.q=0.5").settings.schedule
     assert all(len(fraction.active(r)) == 4 for r in range(3))
     assert len({fraction.active(r) for r in range(3)}) > 1
     bernoulli = _experiment("num_agents=8", "participation.rule=bernoulli", "participation.q=0.5", "rounds=50")
-    share = np.mean([len(bernoulli.schedule.active(r)) / 8 for r in range(50)])
+    share = np.mean([len(bernoulli.settings.schedule.active(r)) / 8 for r in range(50)])
     assert 0.4 < share < 0.6
 
 
 def test_an_availability_trace_is_followed(tmp_path: Path) -> None:
     csv = tmp_path / "trace.csv"
     csv.write_text("0,1,2,3\n1,1,0,1\n0,1,1,1\n1,1,1,0\n")
-    schedule = _experiment("participation.rule=trace", f"participation.trace={csv}").schedule
+    schedule = _experiment("participation.rule=trace", f"participation.trace={csv}").settings.schedule
     assert [sorted(schedule.active(r)) for r in range(3)] == [[0, 1, 3], [1, 2, 3], [0, 1, 2]]
     as_json = tmp_path / "trace.json"
     as_json.write_text(json.dumps({"0": [1, 0, 1], "1": [1, 1, 1], "2": [0, 1, 1], "3": [1, 1, 0]}))
-    again = _experiment("participation.rule=trace", f"participation.trace={as_json}").schedule
+    again = _experiment("participation.rule=trace", f"participation.trace={as_json}").settings.schedule
     assert [again.active(r) for r in range(3)] == [schedule.active(r) for r in range(3)]
 
 
 def test_inactive_agents_are_never_published_to_or_from() -> None:
-    schedule = _experiment(*DYNAMIC, "rounds=12").schedule
+    schedule = _experiment(*DYNAMIC, "rounds=12").settings.schedule
     for r in range(12):
         plan = schedule.plan(r)
         assert plan.publishers <= plan.active
