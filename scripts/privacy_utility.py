@@ -2,14 +2,16 @@
 
     python scripts/privacy_utility.py --set none privacy=none --set "eps 8" privacy=dp_sgd \\
         privacy.noise_multiplier=null privacy.target_epsilon=8 -- num_agents=4
-    python scripts/privacy_utility.py --epsilons 1 2 4 8 --out curve.json -- num_agents=4   # the curve
+    python scripts/privacy_utility.py --epsilons 1 2 4 8 --out curve.json --plot curve.png -- num_agents=4
 
 Each setting is one serial run (`mhd-sim` with the base overrides after `--`, then the setting's
 own), one after another. The table has every setting's largest epsilon (DP-SGD, at the config's
 delta; output mechanisms report theirs in summary.json), the final main head's shared and private
 accuracy (mean over agents, whole test set) and the aux heads' mean shared accuracy, and the
 wall time. A run that diverges is a row that says so: too much noise for the optimizer is a
-result, not a crash. The JSON keeps each run's summary facts.
+result, not a crash. The JSON keeps each run's summary facts. `--plot` draws the curve: shared
+and private accuracy against the largest epsilon of each DP-SGD run, with the no-privacy run as
+horizontal lines (settings without an epsilon, such as output mechanisms, are left out of it).
 """
 
 from __future__ import annotations
@@ -82,11 +84,37 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_curve(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Accuracy against epsilon (log scale) for the runs that report one; `none` as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = sorted((row for row in rows if row.get("epsilon_max") is not None), key=lambda row: row["epsilon_max"])
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    for key, colour in (("shared", "tab:blue"), ("private", "tab:orange")):
+        axis.plot([row["epsilon_max"] for row in curve], [row[key] for row in curve], "o-", color=colour, label=key)
+        for row in rows:
+            if row["setting"] == "none" and "diverged" not in row:
+                axis.axhline(row[key], color=colour, linestyle="--", linewidth=1, label=f"{key}, no privacy")
+    if curve:  # a log axis needs a positive epsilon to show
+        axis.set_xscale("log")
+    axis.set_xlabel("epsilon (largest over agents, at the configured delta)")
+    axis.set_ylabel("main-head accuracy (mean over agents)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", nargs="+", action="append", default=[], metavar=("LABEL", "OVERRIDE"))
     parser.add_argument("--epsilons", type=float, nargs="*", default=[], help="none, then DP-SGD at each")
     parser.add_argument("--out", type=Path, default=Path("privacy_utility.json"))
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of accuracy against epsilon")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every setting, e.g. num_agents=4")
     args = parser.parse_args(argv)
     base = ["logger.progress=false", "logger.report=false", "runtime.backend=serial", *args.overrides]
@@ -100,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.write_text(json.dumps({"overrides": base, "results": rows}, indent=2, default=str) + "\n")
     print(table(rows))
     print(f"written: {args.out}")
+    if args.plot is not None:
+        plot_curve(rows, args.plot)
+        print(f"written: {args.plot}")
 
 
 if __name__ == "__main__":
