@@ -139,6 +139,7 @@ class BackendLoop:
     """The simulator's own path: create_backend, group_plans and Backend.start, as `sim.run.main` does."""
 
     def __init__(self, experiment: Experiment) -> None:
+        self.schedule = experiment.settings.schedule
         self.backend, groups = create_backend(experiment)
         try:
             self.backend.start(group_plans(experiment, groups), experiment.public)
@@ -147,7 +148,9 @@ class BackendLoop:
             raise
 
     def run_round(self, round_idx: int, publish: bool) -> None:
-        self.backend.run_round(round_idx, publish)
+        """A dynamic network (docs/dynamic.md) routes by the round's plan, as the round loop does."""
+        plan = None if self.schedule.static else self.schedule.plan(round_idx)
+        self.backend.run_round(round_idx, publish, plan)
 
     def worker_pids(self) -> list[int]:
         """Actor processes (Ray); none when the agents run in this process."""
@@ -156,7 +159,7 @@ class BackendLoop:
         return [int(pid) for pid in pids]
 
     def describe(self) -> dict[str, object]:
-        return self.backend.describe()
+        return {**self.backend.describe(), "network": "static" if self.schedule.static else "dynamic"}
 
     def shutdown(self) -> None:
         self.backend.shutdown()

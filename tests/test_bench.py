@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sim.backends.serial import SerialBackend
 from tests.conftest import load_script
 
 # Three agents (a ring needs 3) on 8x8 images: the two Ray start-ups (~10 s each on 2 cores) dominate.
@@ -97,3 +98,24 @@ def test_bench_eval_times_every_batch_size_and_writes_its_report(tmp_path: Path)
     assert result["fastest"] == min(medians, key=medians.__getitem__)
     assert report["command"].startswith("python scripts/bench_eval.py --presets=mnist_small_cnn")
     assert report["threads"] == 1
+
+
+def test_bench_routes_a_dynamic_network_by_its_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dynamic overrides the benchmark's rounds take the schedule's plan, as the round loop does."""
+    plans: list[object] = []
+    original = SerialBackend.run_round
+
+    def recording(self: SerialBackend, round_idx: int, publish: bool, plan: object = None) -> object:
+        plans.append(plan)
+        return original(self, round_idx, publish, plan)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SerialBackend, "run_round", recording)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    dynamic = ["participation.rule=bernoulli", "participation.q=0.5", "--modes=serial", f"--out={out}"]
+    try:
+        load_script("bench").main([*TINY_BENCH[:-1], *dynamic])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["modes"]["serial"]["placement"]["network"] == "dynamic"
+    assert plans and all(plan is not None for plan in plans)  # every round routed by its plan
