@@ -100,6 +100,8 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 axis.axhline(row[key], color=colour, linestyle="--", linewidth=1, label=f"{key}, no privacy")
     if curve:  # a log axis needs a positive epsilon to show
         axis.set_xscale("log")
+        axis.set_xticks([row["epsilon_max"] for row in curve], [f"{row['epsilon_max']:.3g}" for row in curve])
+        axis.minorticks_off()
     axis.set_xlabel("epsilon (largest over agents, at the configured delta)")
     axis.set_ylabel("main-head accuracy (mean over agents)")
     axis.set_ylim(0, 1)
