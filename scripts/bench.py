@@ -16,6 +16,9 @@ Per mode (nanoGPT's bench.py habit: burn in, then measure, then print):
     start-up   nothing to every agent ready: agents built, actors up and, in Ray modes, ray.init;
                each Ray mode gets a fresh local Ray (the backend stops the Ray it started)
     round      mean wall time of --rounds rounds after --burn-in rounds (train + predict + routing)
+    round CPU  user + system CPU seconds of the driver and every worker during each measured round
+               (/proc/PID/stat): on a busy machine it compares two configurations far better than
+               wall time, which other jobs stretch
     samples/s  images forwarded and backwarded in training per second:
                    sum over agents of local_steps * (min(batch_size, shard)
                                                      + min(distill_batch_size, public_batch_size))
@@ -276,6 +279,25 @@ def pss_snapshot(worker_pids: list[int]) -> dict[str, float]:
     }
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int | str]) -> float:
+    """User + system CPU seconds of these processes so far (/proc/PID/stat fields 14-15); a gone process counts 0.
+
+    A round's CPU seconds (driver and workers) depend on other jobs far less than its wall time
+    does, so they compare two configurations measured on a busy machine.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: the 14th and 15th fields of the whole line
+    return total / CLOCK_TICKS
+
+
 def memory(worker_pids: list[int]) -> dict[str, Any]:
     """Peak RSS of the driver and of each worker process, and their sum (MiB)."""
     driver = peak_rss_mib("self")
@@ -307,11 +329,13 @@ def measure(mode: str, overrides: list[str], cores: int, burn_in: int, rounds: i
         pss = [pss_snapshot(loop.worker_pids())]
         for round_idx in range(burn_in):
             loop.run_round(round_idx, publish)
-        round_s = []
+        round_s, round_cpu_s = [], []
         for round_idx in range(burn_in, burn_in + rounds):
-            tick = time.perf_counter()
+            processes: list[int | str] = ["self", *loop.worker_pids()]
+            cpu, tick = cpu_seconds(processes), time.perf_counter()
             loop.run_round(round_idx, publish)
             round_s.append(time.perf_counter() - tick)
+            round_cpu_s.append(cpu_seconds(processes) - cpu)
             pss.append(pss_snapshot(loop.worker_pids()))
         peak = memory(loop.worker_pids())
         placement = loop.describe()
@@ -326,6 +350,8 @@ def measure(mode: str, overrides: list[str], cores: int, burn_in: int, rounds: i
         "ray_started_here": ray_started_here,
         "round_s": round_s,
         "round_s_mean": mean_round_s,
+        "round_cpu_s": round_cpu_s,
+        "round_cpu_s_mean": sum(round_cpu_s) / len(round_cpu_s),
         "samples_per_round": per_round,
         "samples_per_s": per_round / mean_round_s,
         "peak_rss_mib": peak,
@@ -390,14 +416,15 @@ def print_table(report: dict[str, Any]) -> None:
         f"{run['local_steps']} steps x ({run['batch_size']} + {run['distill_batch_size']}) per round | "
         f"{report['burn_in']} burn-in + {report['rounds']} rounds | {report['machine']['cores_used']} cores"
     )
-    header = f"{'mode':<18} {'start-up s':>10} {'x raw':>7} {'round s':>9} {'x raw':>7} {'samples/s':>10} "
+    header = f"{'mode':<18} {'start-up s':>10} {'x raw':>7} {'round s':>9} {'x raw':>7} {'CPU s':>7} {'samples/s':>10} "
     print(header + f"{'RSS MiB: driver':>15} {'workers':>8} {'total':>7} {'PSS MiB':>8} {'x raw':>6} {'+ Ray':>6}")
     for mode, result in report["modes"].items():
         peak, pss = result["peak_rss_mib"], result["peak_pss_mib"]
         workers = sum(value for value in peak["workers"].values() if value is not None)
         print(
             f"{mode:<18} {result['startup_s']:>10.2f} {_ratio(result['startup_vs_raw']):>7} "
-            f"{result['round_s_mean']:>9.3f} {_ratio(result['round_vs_raw']):>7} {result['samples_per_s']:>10,.0f} "
+            f"{result['round_s_mean']:>9.3f} {_ratio(result['round_vs_raw']):>7} {result['round_cpu_s_mean']:>7.2f} "
+            f"{result['samples_per_s']:>10,.0f} "
             f"{_mib(peak['driver']):>15} {workers:>8,.0f} {peak['total']:>7,.0f} "
             f"{pss['driver_and_workers']:>8,.0f} {_ratio(result['pss_vs_raw']):>6} {pss['ray_services']:>6,.0f}"
         )

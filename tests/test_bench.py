@@ -32,6 +32,8 @@ TINY_BENCH = [
 
 MODE_KEYS = {
     "overrides",
+    "round_cpu_s",
+    "round_cpu_s_mean",
     "build_s",
     "startup_s",
     "ray_started_here",
@@ -71,6 +73,7 @@ def test_bench_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
         assert set(result["peak_pss_mib"]) == {"driver", "workers", "driver_and_workers", "ray_services"}
         assert 0 < result["peak_pss_mib"]["driver"] <= result["peak_pss_mib"]["driver_and_workers"]
         assert result["samples_per_round"] == 3 * 1 * (8 + 8)  # K x local_steps x (batch + distill batch)
+        assert len(result["round_cpu_s"]) == 1 and result["round_cpu_s_mean"] > 0  # a round that trains uses CPU
     assert report["modes"]["raw"]["round_vs_raw"] == 1.0
     assert len(report["modes"]["ray_one_per_actor"]["peak_rss_mib"]["workers"]) == 3  # one actor per agent
     assert "runtime.agents_per_actor=1" in report["modes"]["ray_one_per_actor"]["overrides"]
@@ -117,5 +120,7 @@ def test_bench_routes_a_dynamic_network_by_its_plan(tmp_path: Path, monkeypatch:
         load_script("bench").main([*TINY_BENCH[:-1], *dynamic])
     finally:
         torch.set_num_threads(threads)
-    assert json.loads(out.read_text())["modes"]["serial"]["placement"]["network"] == "dynamic"
+    serial = json.loads(out.read_text())["modes"]["serial"]
+    assert serial["placement"]["network"] == "dynamic"
+    assert serial["round_cpu_s_mean"] > 0  # the driver's CPU seconds (the agents train in this process)
     assert plans and all(plan is not None for plan in plans)  # every round routed by its plan
