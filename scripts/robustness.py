@@ -313,13 +313,13 @@ def target_check(row: dict[str, Any]) -> dict[str, Any]:
     return {"target": "met" if not misses else "missed: " + ", ".join(misses)}
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.0f}" if key.endswith("_wall_s") else f"{value:.3f}"
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     return str(value)
@@ -352,7 +352,7 @@ COLUMNS = (
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(row.get(key), key) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
