@@ -6,6 +6,7 @@
         --data-root-fashion-mnist PATH/TO/fashion-mnist
     python scripts/robustness.py --cells 0,3,7 --seeds 0 1 --out robustness -- rounds=60
     python scripts/robustness.py --table                               # only rebuild the table from what exists
+    python scripts/robustness.py --half tuning --methods mhd --out variant -- method.nu_main=0.25   # a variant
 
 The full product of the four factors (3 datasets x 6 partitions x 4 graphs x 3 population sizes
 = 216 settings, each run three times: MHD, isolated, central) does not fit a 2-core machine. The
@@ -393,12 +394,17 @@ def select(cells: Sequence[Cell], indices: str | None, half: str | None, dataset
 
 
 def run_grid(
-    cells: Sequence[Cell], seeds: Sequence[int], out: Path, roots: dict[str, str], extra: Sequence[str]
+    cells: Sequence[Cell],
+    seeds: Sequence[int],
+    out: Path,
+    roots: dict[str, str],
+    extra: Sequence[str],
+    methods: Sequence[str] = METHODS,
 ) -> list[str]:
     """Every missing run of `cells`, one at a time; returns the runs skipped for want of data."""
     skipped = []
     all_cells = design()
-    for cell, seed, method in itertools.product(cells, seeds, METHODS):
+    for cell, seed, method in itertools.product(cells, seeds, methods):
         if cell.dataset in DATA_FOLDERS and cell.dataset not in roots:
             skipped.append(f"{cell.name} ({cell.dataset}: no data root)")
             continue
@@ -424,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--half", choices=HALVES)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="e.g. only mhd for a variant"
+    )
     parser.add_argument("--out", type=Path, default=Path("robustness"))
     parser.add_argument("--data-root-mnist")
     parser.add_argument("--data-root-fashion-mnist")
@@ -436,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     skipped: list[str] = []
     if not args.table:
         roots = data_roots(args.data_root_mnist, args.data_root_fashion_mnist)
-        skipped = run_grid(chosen, args.seeds, args.out, roots, ["runtime.backend=serial", *extra])
+        skipped = run_grid(chosen, args.seeds, args.out, roots, ["runtime.backend=serial", *extra], args.methods)
     rows = collect(args.out, cells)
     write_table(args.out, rows)
     print(markdown_table([row for row in rows if row["cell"] in {cell.name for cell in chosen}]))
