@@ -71,7 +71,8 @@ class SmallCNN(Backbone):
             for module in (*self.features, self.embed):
                 if isinstance(module, nn.Conv2d | nn.Linear):
                     nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-                    nn.init.zeros_(module.bias)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)  # [B, channels[-1], h, w]
