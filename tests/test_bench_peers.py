@@ -58,7 +58,9 @@ def test_tiny_cnn_has_small_cnn_parameter_count() -> None:
     bench = _load()
     workload = bench.Workload(clients=3, local_steps=1, batch_size=8, samples_per_client=20, rounds=1)
     theirs = MultiHeadModel(
-        ModelConfig("small_cnn", {"channels": [32, 64], "embedding_dim": 128}, (1, 8, 8), 10, aux_heads=0)
+        ModelConfig(
+            "small_cnn", {"channels": [32, 64], "embedding_dim": 128, "init": "fan_out"}, (1, 8, 8), 10, aux_heads=0
+        )
     )
     count = sum(parameter.numel() for parameter in bench.TinyCNN(workload).parameters())
     assert count == sum(parameter.numel() for parameter in theirs.parameters()) == 28_426

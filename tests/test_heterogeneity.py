@@ -94,7 +94,9 @@ def test_a_mixed_population_runs_and_reports_each_backbone(tmp_path: Path) -> No
 
 def test_per_head_embeddings_feed_each_head_its_own() -> None:
     """A per-head backbone's embedding k reaches only head k (the fused weight viewed per head)."""
-    config = ModelConfig("small_cnn", {"channels": [4], "embedding_dim": 8}, (1, 8, 8), 10, aux_heads=2)
+    config = ModelConfig(
+        "small_cnn", {"channels": [4], "embedding_dim": 8, "init": "fan_out"}, (1, 8, 8), 10, aux_heads=2
+    )
     model = MultiHeadModel(config)
     embeddings = torch.randn(3, 5, 8)  # [heads, B, D]
     per_head = model._per_head_logits(embeddings)
