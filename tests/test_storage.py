@@ -39,7 +39,7 @@ RUN = [*TINY, "rounds=6", "eval_every=2", "checkpoint_every=2", "checkpoint_keep
 @pytest.mark.parametrize(
     ("value", "allowed"),
     [
-        ("ftp://host/runs", "null (the run directory), an absolute path, or a URI"),
+        ("ftp://host/runs", "null (the run directory), a path (a relative one is resolved on the driver), or a URI"),
         ("s3://", "a URI that names a bucket"),
         ("file://runs", "file:///ABSOLUTE/PATH"),
         ("''", "null (the run directory)"),

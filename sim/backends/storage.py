@@ -6,8 +6,9 @@ alike:
 
 - null: the run directory. Right on one machine, and on a cluster whose nodes share the
   filesystem that holds it (the probe before training says so, or refuses the run).
-- an absolute path (`/mnt/nfs/mhd`) or `file:///mnt/nfs/mhd`: plain file I/O on a filesystem
-  every node mounts at the same path (NFS, Lustre, a copy is not enough).
+- a path (`/mnt/nfs/mhd`; a relative one is resolved on the driver) or `file:///mnt/nfs/mhd`:
+  plain file I/O on a filesystem every node mounts at the same path (NFS, Lustre, a copy is not
+  enough).
 - `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`: object storage through pyarrow.fs (the optional
   `storage` extra), resolved with `pyarrow.fs.FileSystem.from_uri` as Ray Train resolves its
   `storage_path`. URI query options pass through (`?endpoint_override=HOST:PORT&scheme=http`
@@ -45,7 +46,10 @@ from sim.core.errors import ConfigError
 from sim.core.registry import Registry
 
 KEY = "runtime.storage"
-ALLOWED = "null (the run directory), an absolute path, or a URI file:///PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX"
+ALLOWED = (
+    "null (the run directory), a path (a relative one is resolved on the driver), "
+    "or a URI file:///PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX"
+)
 CREDENTIALS = "config.yaml keeps the URI: give each node its own, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 PYARROW_MISSING = "pyarrow installed on the driver and every node for object storage (pip install 'mhd-sim[storage]')"
 
