@@ -51,7 +51,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -418,11 +417,6 @@ def run_grid(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in args_in:
-        split = args_in.index("--")
-        args_in, extra = args_in[:split], args_in[split + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--design", action="store_true", help="print the cells and their balance, run nothing")
     parser.add_argument("--table", action="store_true", help="rebuild the table from completed runs, run nothing")
@@ -436,7 +430,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("robustness"))
     parser.add_argument("--data-root-mnist")
     parser.add_argument("--data-root-fashion-mnist")
-    args = parser.parse_args(args_in)
+    parser.add_argument("extra", nargs="*", help="Hydra overrides for every run, after --")
+    args = parser.parse_args(argv)
+    extra = args.extra
     cells = design()
     if args.design:
         print(describe_design(cells))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,14 +129,11 @@ def audit(overrides: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in args_in:
-        split = args_in.index("--")
-        args_in, overrides = args_in[:split], args_in[split + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("teacher_quality.json"))
-    args = parser.parse_args(args_in)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the audited run, after --")
+    args = parser.parse_args(argv)
+    overrides = args.overrides
     rows = audit(overrides)
     args.out.write_text(json.dumps({"overrides": overrides, "rounds": rows}, indent=1) + "\n")
 
