@@ -152,9 +152,10 @@ def run_round(
     record = {"round": round_idx, **mean_losses(metrics), "comm/bytes": sent, "time/round_s": elapsed}
     used = inbox_use(metrics)
     record.update(used.record())
+    links = [] if plan is None else exchange.links(round_idx)  # once: the record and every sink read it
     if plan is not None:
         record["network/active"] = len(plan.active)
-        record["network/links"] = len(exchange.links(round_idx))
+        record["network/links"] = len(links)
     evaluated, eval_s = None, 0.0
     if (round_idx + 1) % experiment.settings.eval_every == 0 or round_idx == experiment.settings.rounds - 1:
         faults.arm(backend, "evaluate", round_idx)
@@ -168,7 +169,7 @@ def run_round(
     for sink in sinks:
         sink.log_round(round_idx, record)
         if plan is not None:
-            sink.log_network(round_idx, network_record(round_idx, plan.active, exchange.links(round_idx)))
+            sink.log_network(round_idx, network_record(round_idx, plan.active, links))
         if evaluated is not None:
             sink.log_eval(round_idx, evaluated)
     return replace(
