@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -315,11 +315,16 @@ def _check_loopback_binds() -> None:
             pytest.fail(f"cannot bind a port on the loopback address {host} on Linux: {error}")
 
 
-@pytest.fixture(scope="module")
-def loopback_cluster() -> Iterator[LoopbackCluster]:
-    """A head on 127.0.0.2 and a worker on 127.0.0.3, 1 CPU each, token auth; always torn down."""
-    _check_loopback_binds()
-    temp_dir = Path(tempfile.mkdtemp(prefix="mhd-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
+NodeStarter = Callable[[list[str], dict[str, str], Path], subprocess.Popen[bytes]]
+
+
+@contextlib.contextmanager
+def two_nodes(temp_dir: Path, start_worker: NodeStarter | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """A head on 127.0.0.2 and a worker on 127.0.0.3, 1 CPU each, token auth: (GCS address, env); always torn down.
+
+    `start_worker` starts the worker node (default `_start_node`); tests/test_cluster_storage.py
+    starts it in a mount namespace of its own. `temp_dir` is the nodes' Ray temp dir.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
     head_ports = _ports("port", "ray-client-server-port", "dashboard-port", *NODE_PORT_FLAGS)
@@ -332,12 +337,23 @@ def loopback_cluster() -> Iterator[LoopbackCluster]:
         _wait_started(nodes[-1], temp_dir / "head.log")
         worker_args = [f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", f"--temp-dir={temp_dir}"]
         worker_args += ["--num-cpus=1", *_port_args(_ports(*NODE_PORT_FLAGS))]
-        nodes.append(_start_node(worker_args, env, temp_dir / "worker.log"))
+        nodes.append((start_worker or _start_node)(worker_args, env, temp_dir / "worker.log"))
         _wait_started(nodes[-1], temp_dir / "worker.log")
-        yield LoopbackCluster(f"{HEAD_IP}:{port}", env, temp_dir)
+        yield f"{HEAD_IP}:{port}", env
     finally:
         for node in reversed(nodes):
             _stop_node(node)
+
+
+@pytest.fixture(scope="module")
+def loopback_cluster() -> Iterator[LoopbackCluster]:
+    """A head on 127.0.0.2 and a worker on 127.0.0.3, 1 CPU each, token auth; always torn down."""
+    _check_loopback_binds()
+    temp_dir = Path(tempfile.mkdtemp(prefix="mhd-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
+    try:
+        with two_nodes(temp_dir) as (address, env):
+            yield LoopbackCluster(address, env, temp_dir)
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

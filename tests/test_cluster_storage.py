@@ -10,9 +10,8 @@ tests/test_cluster.py's; only the worker's start differs.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -30,16 +29,11 @@ from tests.conftest import TINY, make_config
 from tests.test_cluster import (
     HEAD_IP,
     MHD_SIM,
-    NODE_PORT_FLAGS,
     RAY,
     RUN_TIMEOUT_S,
     WORKER_IP,
     _check_loopback_binds,
-    _port_args,
-    _ports,
-    _start_node,
-    _stop_node,
-    _wait_started,
+    two_nodes,
 )
 
 pytestmark = pytest.mark.slow
@@ -85,23 +79,11 @@ def split_cluster() -> Iterator[SplitCluster]:
     runs, shared = temp_dir / "runs", temp_dir / "shared"
     runs.mkdir()
     shared.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-    head_ports = _ports("port", "ray-client-server-port", "dashboard-port", *NODE_PORT_FLAGS)
-    nodes: list[subprocess.Popen[bytes]] = []
+    private = functools.partial(_start_private_node, hidden=runs)
     try:
-        head_args = ["--head", f"--node-ip-address={HEAD_IP}", f"--temp-dir={temp_dir}"]
-        head_args += ["--num-cpus=1", "--include-dashboard=false", *_port_args(head_ports)]
-        nodes.append(_start_node(head_args, env, temp_dir / "head.log"))
-        _wait_started(nodes[-1], temp_dir / "head.log")
-        worker_args = [f"--address={HEAD_IP}:{head_ports['port']}", f"--node-ip-address={WORKER_IP}"]
-        worker_args += [f"--temp-dir={temp_dir}", "--num-cpus=1", *_port_args(_ports(*NODE_PORT_FLAGS))]
-        nodes.append(_start_private_node(worker_args, env, temp_dir / "worker.log", hidden=runs))
-        _wait_started(nodes[-1], temp_dir / "worker.log")
-        yield SplitCluster(f"{HEAD_IP}:{head_ports['port']}", env, runs, shared)
+        with two_nodes(temp_dir, start_worker=private) as (address, env):
+            yield SplitCluster(address, env, runs, shared)
     finally:
-        for node in reversed(nodes):
-            _stop_node(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
