@@ -60,7 +60,7 @@ class AgentGroup:
         Returns:
             (metrics per active agent id, outgoing predictions per publishing agent id).
         """
-        plan = plan or RoundPlan.static({i: agent.in_neighbours for i, agent in self.agents.items()}, round_idx)
+        plan = self.round_plan(round_idx, plan)
         inboxes = self.inboxes(round_idx, incoming, plan)
         metrics: dict[int, dict[str, float]] = {}
         for agent_id in self.active(plan):
@@ -75,6 +75,12 @@ class AgentGroup:
             metrics[agent_id]["comm/message_bytes"] = float(outgoing[agent_id].nbytes)
             metrics[agent_id].update(agent.release_metrics())
         return metrics, outgoing
+
+    def round_plan(self, round_idx: int, plan: RoundPlan | None) -> RoundPlan:
+        """`plan`, or for a static network the lock-step plan of the agents' fixed in-neighbours."""
+        if plan is not None:
+            return plan
+        return RoundPlan.static({i: agent.in_neighbours for i, agent in self.agents.items()}, round_idx)
 
     def active(self, plan: RoundPlan) -> list[int]:
         """Hosted agents that train this round, in hosting order."""

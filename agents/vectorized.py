@@ -114,12 +114,11 @@ class StackedSGD:
 class Cohort:
     """Agents whose steps this round have the same loss terms, so one vmapped call serves them.
 
-        Agents of one group differ only in what their inbox held: no message (cross-entropy only,
-        no public samples), messages covering more or fewer heads, without embeddings, or made on
-    other public batches (late messages, docs/dynamic.md). Grouping
-        by the terms, rather than masking absent terms with zero weights, keeps each agent's
-        forward batch, reported terms and updated parameters what `Agent` computes; a round has one
-        cohort in the usual case.
+    Agents of one group differ only in what their inbox held: no message (cross-entropy only,
+    no public samples), messages covering more or fewer heads, without embeddings, or made on
+    other public batches (late messages, docs/dynamic.md). Grouping by the terms, rather than
+    masking absent terms with zero weights, keeps each agent's forward batch, reported terms and
+    updated parameters what `Agent` computes; a round has one cohort in the usual case.
     """
 
     agents: list[Agent]
@@ -159,7 +158,7 @@ class VectorizedAgentGroup(AgentGroup):
         self, round_idx: int, incoming: Iterable[Bundle], publish: bool, plan: RoundPlan | None = None
     ) -> tuple[dict[int, dict[str, float]], dict[int, Prediction]]:
         """AgentGroup.run_round, with every cohort's steps vmapped and one vmapped prediction."""
-        plan = plan or RoundPlan.static({i: agent.in_neighbours for i, agent in self.agents.items()}, round_idx)
+        plan = self.round_plan(round_idx, plan)
         inboxes = self.inboxes(round_idx, incoming, plan)
         active = self.active(plan)
         teachers = {agent_id: self.agents[agent_id].round_targets(round_idx, inboxes[agent_id]) for agent_id in active}
