@@ -248,13 +248,20 @@ def pss_mib(pid: int | str) -> float | None:
     return proc_mib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after "pid (comm)": state, ppid, ... (the line's field 3 first); None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def descendants(root: int) -> list[int]:
     """Every process below `root` in the process tree (from /proc: pid -> parent pid)."""
     parent_of = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        except (OSError, IndexError):
+        fields = stat_fields(stat.parent.name)
+        if fields is None:
             continue  # the process ended while we looked
         parent_of[int(stat.parent.name)] = int(fields[1])
     found, frontier = [], [root]
@@ -290,11 +297,9 @@ def cpu_seconds(pids: list[int | str]) -> float:
     """
     total = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime: the 14th and 15th fields of the whole line
+        fields = stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime: the 14th and 15th fields of the whole line
     return total / CLOCK_TICKS
 
 
