@@ -15,6 +15,8 @@ a constructor without such arguments can always be re-run. See docs/reliability.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -34,14 +36,99 @@ class WorkerRestartedError(RuntimeError):
     """This worker process was restarted by Ray and hosts no agents until the driver sets it up again."""
 
 
+Owner = tuple[str, list[ray.ObjectRef]]
+"""A driver holding a kept actor: its run's token, and (wrapped in a list, so that Ray passes the
+reference instead of its value) an object that driver owns. Ray raises OwnerDiedError on reading
+an object whose owner has died, which is how a kept actor learns that its driver is gone."""
+
+OWNER_CHECK_TIMEOUT_S = 5.0
+"""A live owner answers in milliseconds; one that does not answer in time is taken to be alive."""
+
+
+def owner_alive(owner: Owner) -> bool:
+    """Whether the driver of `owner` is still running (its object can still be read)."""
+    try:
+        ray.get(owner[1][0], timeout=OWNER_CHECK_TIMEOUT_S)
+    except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
+        return False
+    except ray.exceptions.GetTimeoutError:
+        return True
+    return True
+
+
+class Lease:
+    """Which driver may use a kept actor: one at a time, and none once the actor has retired.
+
+    A driver that dies without releasing leaves its token behind; the next `acquire` finds that
+    driver dead and takes over. Calls come from the actor's method thread and its reaper thread,
+    hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: Owner | None = None
+        self.idle_since = time.monotonic()
+        self.retired = False
+
+    def acquire(self, owner: Owner) -> bool:
+        with self.lock:
+            if self.retired:
+                return False
+            held_by_other = self.owner is not None and self.owner[0] != owner[0]
+            if held_by_other and owner_alive(self.owner):  # type: ignore[arg-type]
+                return False
+            self.owner = owner
+            return True
+
+    def release(self) -> None:
+        with self.lock:
+            self.owner = None
+            self.idle_since = time.monotonic()
+
+    def retire_if_idle(self, idle_s: float) -> bool:
+        """True (and no acquire succeeds from then on) if nobody has held it for `idle_s` seconds."""
+        with self.lock:
+            if self.owner is None and time.monotonic() - self.idle_since >= idle_s:
+                self.retired = True
+            return self.retired
+
+
 class AgentGroupActor:
     """Plain class (testable without Ray); `RemoteAgentGroup` is its ray.remote form."""
 
-    def __init__(self, execution: ExecutionConfig) -> None:
+    def __init__(self, execution: ExecutionConfig, idle_exit_s: float | None = None) -> None:
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so "cuda" is the right one.
         self.execution = replace(execution, device="cuda" if ray.get_gpu_ids() else "cpu")
         self._group: AgentGroup | None = None
         self.armed = ArmedFaults()  # fault injection (a test tool): where this process kills itself
+        self.lease = Lease()  # used only by a kept actor (idle_exit_s set)
+        if idle_exit_s is not None:
+            reaper = threading.Thread(target=self._exit_when_idle, args=(idle_exit_s,), name="kept-reaper", daemon=True)
+            reaper.start()
+
+    def _exit_when_idle(self, idle_s: float) -> None:
+        """A kept actor ends itself (never restarted) once no run has held it for `idle_s` seconds."""
+        while not self.lease.retire_if_idle(idle_s):
+            time.sleep(min(idle_s, 5.0) / 2)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def acquire(self, owner: Owner) -> bool:
+        """A kept actor: True if it is now `owner`'s (it was free, already theirs, or its driver had died).
+
+        A new owner finds no agents: those of a driver that died without releasing them never
+        serve the next run (its `setup` builds that run's own).
+        """
+        previous = self.lease.owner
+        if not self.lease.acquire(owner):
+            return False
+        if previous is None or previous[0] != owner[0]:
+            self._group = None
+        return True
+
+    def release(self) -> None:
+        """A kept actor after its run: its agents are dropped (their memory freed) and it waits for the next run."""
+        self._group = None
+        self.lease.release()
 
     def setup(self, payload: Any, public: PublicData) -> None:
         """Build the agents from scratch (at start, and after a restart before their state is restored)."""

@@ -2,7 +2,7 @@
 
     python scripts/bench_startup.py [--repeats 5] [--out bench_startup.json] [OVERRIDE ...]
 
-Three kinds of process, each run --repeats times from a fresh `python` (the numbers a user
+Four kinds of process, each run --repeats times from a fresh `python` (the numbers a user
 feels from the shell), reported as median, min and max, and as ratios of the medians to the
 floor's:
 
@@ -10,20 +10,24 @@ floor's:
            `mhd-sim` does (sim.backends.ray.backend.connect_ray) and stops it: what any Ray program
            on this machine pays before it does anything
     cold   `mhd-sim rounds=1 [OVERRIDE ...]`: starts and stops its own Ray
-    warm   `mhd-sim rounds=1 runtime.address=auto [OVERRIDE ...]` attached to a Ray that this
-           script started before with `ray start --head --node-ip-address=127.0.0.1` (the warm
-           mode of README.md) and stops after the last run
+    attached  `mhd-sim rounds=1 runtime.address=auto [OVERRIDE ...]` attached to a Ray that this
+           script started before with `ray start --head --node-ip-address=127.0.0.1` and stops
+           after the last run: every run starts new worker processes on it
+    warm   the same with `runtime.keep_actors=true` (the warm mode of docs/performance.md): the
+           workers outlive each run and the next one reuses them; one run before the timed ones
+           creates them (its time is reported as `warm_first_s`)
 
 The floor and cold runs alternate, so that a change of load on the machine hits both; the
-warm runs follow. The script's Ray uses its own temp dir, free ports and a random token
-(RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), so it neither finds nor disturbs another Ray on the
-machine, and it stops only that Ray. Each mhd-sim run's own summary.json times (actor
+attached runs follow, then the warm ones (an attached run retires idle kept workers). The
+script's Ray uses its own temp dir, free ports and a random token (RAY_AUTH_MODE=token,
+RAY_AUTH_TOKEN), so it neither finds nor disturbs another Ray on the machine, and it stops only
+that Ray. Each mhd-sim run's own summary.json times (actor
 start-up, rounds) and the load average are kept with its sample. Targets (docs/performance.md):
-cold <= 1.4x and warm <= 0.6x the floor.
+cold <= 1.4x and warm <= 0.6x the floor (attached has none: it shows what keeping workers saves).
 
 Each sample also has its CPU seconds (user + system, read from /proc every 0.1 s): the process
-and all its descendants (a local Ray's processes and workers), plus, for a warm run, what the
-head's processes spent meanwhile (its workers included). CPU time changes far less than wall
+and all its descendants (a local Ray's processes and workers), plus, for an attached or warm run,
+what the head's processes spent meanwhile (its workers included). CPU time changes far less than wall
 time when other jobs load the machine, so it compares runs measured under different loads.
 """
 
@@ -53,6 +57,7 @@ MHD_SIM = shutil.which("mhd-sim", path=str(Path(sys.executable).parent)) or "mhd
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 TARGETS = {"cold_vs_floor": 1.4, "warm_vs_floor": 0.6}
+KINDS = ("floor", "cold", "attached", "warm")
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a node's servers bind to 127.0.0.1 only
 RUN_TIMEOUT_S = 300
 HEAD_START_TIMEOUT_S = 120
@@ -181,6 +186,7 @@ def sample(
     if run_dir is not None:
         summary = json.loads((run_dir / "summary.json").read_text())
         found |= {key: summary.get(key) for key in ("wall_time_s", "setup_time_s", "round_time_s_mean")}
+        found["kept_actors"] = summary["runtime"].get("kept_actors")  # warm: how many workers it reused
         found["report_written"] = (run_dir / "report.html").is_file()
     print(f"  {kind:<5} {wall:6.2f} s wall {cpu:6.2f} s CPU  (load {load_before:.2f})", flush=True)
     return found
@@ -266,13 +272,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both mhd-sim runs, after rounds=1")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each kind (5)")
     parser.add_argument("--out", type=Path, default=Path("bench_startup.json"), help="JSON output (bench_startup.json)")
-    parser.add_argument("--kinds", default="floor,cold,warm", help="comma-separated subset of floor,cold,warm")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     args = parser.parse_intermixed_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     args.kinds = args.kinds.split(",")
-    if not args.kinds or set(args.kinds) - {"floor", "cold", "warm"}:
-        parser.error("--kinds takes floor, cold and warm")
+    if not args.kinds or set(args.kinds) - set(KINDS):
+        parser.error(f"--kinds takes {', '.join(KINDS)}")
     return args
 
 
@@ -292,19 +298,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 run_dir = scratch / f"cold-{index}"
                 command = [MHD_SIM, *overrides, f"hydra.run.dir={run_dir}"]
                 samples["cold"].append(sample("cold", command, env, scratch, run_dir))
-        head_start_s = None
-        if "warm" in samples:
+        head_start_s = warm_first_s = None
+        if "attached" in samples or "warm" in samples:
             with running_head(scratch) as (warm_env, head_start_s, head):
                 print(f"  ray start --head: {head_start_s:.2f} s", flush=True)
-                for index in range(args.repeats):
-                    run_dir = scratch / f"warm-{index}"
-                    command = [MHD_SIM, *overrides, "runtime.address=auto", f"hydra.run.dir={run_dir}"]
-                    samples["warm"].append(sample("warm", command, warm_env, scratch, run_dir, head))
+                attach = [MHD_SIM, *overrides, "runtime.address=auto"]
+                for index in range(args.repeats if "attached" in samples else 0):
+                    run_dir = scratch / f"attached-{index}"
+                    samples["attached"].append(
+                        sample("attached", [*attach, f"hydra.run.dir={run_dir}"], warm_env, scratch, run_dir, head)
+                    )
+                if "warm" in samples:
+                    keep = [*attach, "runtime.keep_actors=true"]
+                    first = sample("first", [*keep, f"hydra.run.dir={scratch / 'warm-first'}"], warm_env, scratch, None)
+                    warm_first_s = first["wall_s"]
+                    for index in range(args.repeats):
+                        run_dir = scratch / f"warm-{index}"
+                        samples["warm"].append(
+                            sample("warm", [*keep, f"hydra.run.dir={run_dir}"], warm_env, scratch, run_dir, head)
+                        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     results = {kind: summarise(found) for kind, found in samples.items()}
     floor = results.get("floor")
-    for kind in ("cold", "warm"):
+    for kind in KINDS[1:]:
         if kind in results:
             ratio = None if floor is None else results[kind]["median_s"] / floor["median_s"]
             results[kind]["vs_floor"] = None if ratio is None else round(ratio, 3)
@@ -314,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": machine_facts(),
         "load_avg_1_5_15": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "head_start_s": None if head_start_s is None else round(head_start_s, 3),
+        "warm_first_s": warm_first_s,
         "targets": TARGETS,
         "results": results,
     }
@@ -327,9 +345,10 @@ def print_table(report: dict[str, Any]) -> None:
     for kind, result in report["results"].items():
         ratio = result.get("vs_floor")
         target = TARGETS.get(f"{kind}_vs_floor")
-        versus = "" if ratio is None else f"  {ratio:.2f}x floor (target <= {target}x)"
         spread = f"({result['min_s']:.2f}-{result['max_s']:.2f})"
-        print(f"{kind:<6} {result['median_s']:6.2f} s {spread:<13} CPU {result['cpu_median_s']:6.2f} s{versus}")
+        target_text = "" if target is None else f" (target <= {target}x)"
+        versus = "" if ratio is None else f"  {ratio:.2f}x floor{target_text}"
+        print(f"{kind:<8} {result['median_s']:6.2f} s {spread:<13} CPU {result['cpu_median_s']:6.2f} s{versus}")
     load = report["load_avg_1_5_15"]
     print(f"load average (1, 5, 15 min): {load['start']} at start, {load['end']} at end")
 

@@ -38,6 +38,8 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         cluster=cluster,
         faults=(),
         storage=None,
+        keep_actors=False,
+        kept_idle_s=600.0,
     )
     values.update(overrides)
     return RuntimeConfig(**values)  # type: ignore[arg-type]

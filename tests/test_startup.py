@@ -61,17 +61,23 @@ def test_bench_startup_measures_floor_cold_and_warm_and_writes_its_report(tmp_pa
     returned = load_script("bench_startup").main(["--repeats=1", f"--out={out}", *tiny])
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
-    assert set(report) == {"overrides", "repeats", "machine", "load_avg_1_5_15", "head_start_s", "targets", "results"}
+    assert set(report) == {
+        *("overrides", "repeats", "machine", "load_avg_1_5_15", "head_start_s", "warm_first_s", "targets", "results")
+    }
     assert report["overrides"] == ["rounds=1", *tiny]
     assert {"cpu_count", "platform", "python", "torch", "ray"} <= set(report["machine"])
-    assert list(report["results"]) == ["floor", "cold", "warm"]
+    assert list(report["results"]) == ["floor", "cold", "attached", "warm"]
     for kind, result in report["results"].items():
         assert {"median_s", "min_s", "max_s", "cpu_median_s", "samples"} <= set(result), kind
         assert len(result["samples"]) == 1
         assert {"wall_s", "cpu_s", "load_1min_before"} <= set(result["samples"][0]), kind
-    for kind in ("cold", "warm"):
+    for kind in ("cold", "attached", "warm"):
         assert report["results"][kind]["vs_floor"] is not None
         (run,) = report["results"][kind]["samples"]
         assert {"wall_s", "load_1min_before", "wall_time_s", "setup_time_s", "report_written"} <= set(run)
         assert run["report_written"] is False  # logger.report=false
-    assert report["head_start_s"] is not None
+    assert report["head_start_s"] is not None and report["warm_first_s"] is not None
+    (warm,) = report["results"]["warm"]["samples"]
+    assert warm["kept_actors"] == {"reused": 2, "created": 0}  # the first run's workers, kept
+    (attached,) = report["results"]["attached"]["samples"]
+    assert attached["kept_actors"] is None

@@ -37,6 +37,8 @@ class RuntimeConfig:
     cluster: ClusterConfig  # placement strategy, per-backbone and custom resources, what ships to nodes
     faults: tuple[Fault, ...]  # fault injection, a test tool: workers killed at chosen points (sim/backends/faults.py)
     storage: StorageDir | None  # where agent state and checkpoints live; None: the run directory (backends/storage.py)
+    keep_actors: bool  # warm mode: workers outlive the run for the next one on the same Ray (ray/kept.py)
+    kept_idle_s: float  # a kept worker no run has used for this long exits
 
     @property
     def on_this_machine(self) -> bool:

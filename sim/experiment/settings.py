@@ -143,7 +143,16 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         cluster=cluster_config(runtime),
         faults=parse_faults(runtime.faults),
         storage=storage_root(runtime.storage),
+        keep_actors=boolean("runtime.keep_actors", runtime.keep_actors),
+        kept_idle_s=positive_number("runtime.kept_idle_s", runtime.kept_idle_s),
     )
+    if config.keep_actors and (config.backend != "ray" or config.address is None):
+        raise ConfigError(
+            "runtime.keep_actors",
+            runtime.keep_actors,
+            "false unless runtime.backend=ray and runtime.address is set (a Ray this run starts stops with it: "
+            "start one with `ray start --head`, docs/performance.md#warm-mode)",
+        )
     if config.faults and config.backend != "ray":
         raise ConfigError(
             "runtime.faults", runtime.faults, "[] unless runtime.backend=ray (a fault kills an agent worker process)"

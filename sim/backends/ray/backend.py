@@ -13,11 +13,16 @@ node (NodeShardGroupActor).
 Actors are created with small constructor arguments only and get their agents from a `setup`
 call, which the driver issues at start and again to every actor Ray has restarted, before the
 checkpoint is restored: a restart never depends on an object kept in the store since start-up.
+
+With `runtime.keep_actors` the actors are kept workers (sim/backends/ray/kept.py): taken from the
+previous run where one of the same kind waits idle, outside any placement group (a group dies
+with its job), and released instead of killed at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -30,7 +35,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from agents.actor import AgentGroupActor, RemoteAgentGroup, WorkerRestartedError
-from agents.agent import AgentSpec, PublicData
+from agents.agent import AgentSpec, ExecutionConfig, PublicData
 from agents.inbox import RoundPlan
 from agents.messages import EvalCounts
 from agents.weight_sharing import Mixing
@@ -44,6 +49,7 @@ from sim.backends.base import (
     round_sources,
 )
 from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
+from sim.backends.ray.kept import KEPT_NAMESPACE, KeptActors, code_digest, evict_idle, kind_key
 from sim.backends.ray.placement import Node, Placement, plan_placement
 from sim.backends.runtime import RuntimeConfig, execution_config
 from sim.backends.storage import StorageDir
@@ -71,19 +77,26 @@ class RayBackend(Backend):
         self.pending_faults: dict[str, set[int]] = {}  # fault point -> actors to die there (sim/backends/faults.py)
         self.node_ips: dict[str, str] = {}  # node id -> IP, for describe()
         self.reservation: PlacementGroup | None = None
+        self.kept: KeptActors | None = None  # runtime.keep_actors: this driver's hold on kept workers
 
     def start(self, plans: Sequence[GroupPlan], public: PublicData) -> None:
         self.plans = list(plans)
         if len(self.plans) != len(self.placement.requests):
             raise ValueError(f"{len(self.plans)} group plans for {len(self.placement.requests)} planned actors")
-        reservation = self._reserve()
         self.public = public
         ship = SHARD_SOURCES.get(self.runtime.cluster.shard_source)
-        self.actors, self.payloads = [], []
-        for index, plan in enumerate(self.plans):
+        self.payloads, node_reads = [], []
+        for plan in self.plans:
             specs, node_shards = ship(plan.specs, self.private)
             self.payloads.append(list(specs) if node_shards is None else (specs, node_shards))
-            self.actors.append(self._create_actor(reservation, index, node_shards is not None))
+            node_reads.append(node_shards is not None)
+        if self.runtime.keep_actors:
+            self.actors = self._take_kept_actors(node_reads)
+        else:
+            if self.runtime.address is not None:  # idle kept workers would hold the resources this run needs
+                evict_idle(set(), KeptActors().owner)
+            reservation = self._reserve()
+            self.actors = [self._create_actor(reservation, index, reads) for index, reads in enumerate(node_reads)]
         self.restart_counts = [0] * len(self.actors)
         self._set_up(self._wait_ready())
         self.node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
@@ -112,18 +125,57 @@ class RayBackend(Backend):
         Its constructor gets only the execution settings, so Ray can always re-run it on a
         restart; the agents come with `_set_up`.
         """
+        strategy = PlacementGroupSchedulingStrategy(reservation, placement_group_bundle_index=index)
+        actor_class = RemoteNodeShardGroup if reads_shards_on_node else RemoteAgentGroup
+        return actor_class.options(**self._actor_options(index), scheduling_strategy=strategy).remote(
+            self._execution(index)
+        )
+
+    def _actor_options(self, index: int) -> dict[str, Any]:
         request = self.placement.requests[index]
-        options = {
+        return {
             "num_cpus": request.num_cpus,
             "num_gpus": request.num_gpus,
             "resources": request.custom,
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(reservation, placement_group_bundle_index=index),
             "max_restarts": self.runtime.max_actor_restarts,  # the driver sets a restarted actor up again
             "max_task_retries": 0,  # a lost call surfaces as WorkerLostError; the loop rolls back
         }
-        execution = execution_config(self.runtime, self.placement.torch_threads[index])  # "cuda" swapped in there
-        actor_class = RemoteNodeShardGroup if reads_shards_on_node else RemoteAgentGroup
-        return actor_class.options(**options).remote(execution)
+
+    def _execution(self, index: int) -> ExecutionConfig:
+        return execution_config(self.runtime, self.placement.torch_threads[index])  # "cuda" swapped in there
+
+    def _take_kept_actors(self, node_reads: Sequence[bool]) -> list[Any]:
+        """Workers for every planned actor: idle kept ones of the same kind first, new kept ones for the rest.
+
+        Kept workers are detached and outside any placement group (a group is removed with the
+        job that made it, and its actors with it), so SPREAD is Ray's "SPREAD" scheduling of each
+        actor and PACK is Ray's default.
+        """
+        self.kept = kept = KeptActors()
+        digest = code_digest()
+        shards = ["node" if reads else "driver" for reads in node_reads]
+        kinds = [
+            kind_key(request, self._execution(index), shards[index], digest)
+            for index, request in enumerate(self.placement.requests)
+        ]
+        evict_idle(set(kinds), kept.owner)
+        try:
+            return kept.take(kinds, functools.partial(self._new_kept_actor, node_reads), self.runtime.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorStartupError(
+                f"new kept workers did not start within runtime.startup_timeout_s={self.runtime.startup_timeout_s}s "
+                "(other jobs hold the resources; see `ray status`)"
+            ) from None
+
+    def _new_kept_actor(self, node_reads: Sequence[bool], index: int, name: str) -> Any:
+        actor_class = RemoteNodeShardGroup if node_reads[index] else RemoteAgentGroup
+        options = self._actor_options(index) | {
+            "scheduling_strategy": "SPREAD" if self.placement.strategy == "SPREAD" else "DEFAULT",
+            "lifetime": "detached",
+            "namespace": KEPT_NAMESPACE,
+            "name": name,
+        }
+        return actor_class.options(**options).remote(self._execution(index), self.runtime.kept_idle_s)
 
     def _set_up(self, indices: Sequence[int]) -> None:
         """Build the agents of actors `indices` from the driver's copy of their data.
@@ -133,6 +185,11 @@ class RayBackend(Backend):
         """
         if not indices:
             return
+        if self.kept is not None:  # a restarted kept worker re-ran its constructor: it must be this run's again
+            held = self.kept.hold([self.actors[index] for index in indices])
+            for index, ours in zip(indices, held, strict=True):
+                if not ours:
+                    raise RecoveryFailedError(self._lost(index, "its restarted worker was taken by another run"))
         public_ref = ray.put(self.public)  # one copy for every actor set up now; they keep reading it in place
         try:
             self._get([self.actors[index].setup.remote(self.payloads[index], public_ref) for index in indices])
@@ -283,8 +340,11 @@ class RayBackend(Backend):
             raise WorkerLostError("an agent actor was restarted and had lost its agents") from None
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        if self.kept is not None:
+            self.kept.release(self.actors)  # they wait, without agents, for the next run
+        else:
+            for actor in self.actors:
+                ray.kill(actor)
         self.actors = []
         self.bundle_refs = []
         if self.reservation is not None:  # frees the nodes for the next run on a shared cluster
@@ -306,6 +366,7 @@ class RayBackend(Backend):
             "pids": [int(location["pid"]) for location in self.locations],
             "restarts": list(self.restart_counts),
             "devices": [location["device"] for location in self.locations],
+            **({"kept_actors": {"reused": self.kept.reused, "created": self.kept.created}} if self.kept else {}),
         }
 
 
