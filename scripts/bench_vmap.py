@@ -113,7 +113,13 @@ def run_preset(name: str, extras: Sequence[str], args: argparse.Namespace) -> di
     overrides = [*PRESETS[name], "method.message_codec=float32", *extras]
     experiment = build(overrides)
     execution = ExecutionConfig(
-        device=args.device, torch_threads=args.threads, channels_last=False, compile=False, vectorize=False, bf16=False
+        device=args.device,
+        torch_threads=args.threads,
+        channels_last=False,
+        compile=False,
+        vectorize=False,
+        bf16=False,
+        eval_channels_last=False,
     )
     results: dict[str, Any] = {}
     bundles = {}

@@ -99,7 +99,9 @@ def audit(overrides: Sequence[str]) -> list[dict[str, Any]]:
     public = experiment.public
     threads = experiment.runtime.torch_threads or 1
     torch.set_num_threads(threads)
-    execution = ExecutionConfig("cpu", threads, channels_last=False, compile=False, vectorize=False, bf16=False)
+    execution = ExecutionConfig(
+        "cpu", threads, channels_last=False, compile=False, vectorize=False, bf16=False, eval_channels_last=False
+    )
     agents = [Agent(spec, public, execution) for spec in experiment.specs]
     seen = [set(np.unique(spec.private_y).tolist()) for spec in experiment.specs]
     include_self = experiment.specs[0].distill is not None and experiment.specs[0].distill.include_self

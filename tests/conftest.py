@@ -15,7 +15,13 @@ from sim.run.preflight import compose_config
 
 # How an Agent built directly in a test runs: one CPU thread, none of the speed options.
 PLAIN_CPU = ExecutionConfig(
-    device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False
+    device="cpu",
+    torch_threads=1,
+    channels_last=False,
+    compile=False,
+    vectorize=False,
+    bf16=False,
+    eval_channels_last=False,
 )
 
 # A tiny run: 4 agents on digits, 3 rounds — seconds on 2 cores.

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from sim.experiment.assembly import evaluation_rows
+from agents.agent import Agent
+from sim.experiment.assembly import build_experiment, evaluation_rows
 from sim.run.main import run
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 
 RUN = [*TINY, "rounds=4", "eval_every=1", "runtime.backend=serial", "logger.report=false"]
 
@@ -46,3 +49,26 @@ def test_training_evaluates_the_subset_and_the_final_numbers_are_on_the_whole_te
         "final_test_samples": test_size,
         "final": "whole test set",
     }
+
+
+def test_an_nhwc_evaluation_copy_leaves_training_bit_identical_and_counts_equal(tmp_path: Path) -> None:
+    """runtime.eval_channels_last evaluates through an NHWC copy: training and the final counts as without it."""
+    nhwc = run(make_config(*RUN, "runtime.eval_channels_last=true"), tmp_path / "nhwc")
+    nchw = run(make_config(*RUN, "runtime.eval_channels_last=false"), tmp_path / "nchw")
+    rounds = [(tmp_path / name / "rounds.jsonl").read_text().splitlines() for name in ("nhwc", "nchw")]
+    strip = [[{k: v for k, v in json.loads(line).items() if "time" not in k} for line in lines] for lines in rounds]
+    assert strip[0] == strip[1]  # every loss of every round: the model that trains never saw the copy
+    assert nhwc["final"] == nchw["final"]
+
+
+def test_the_nhwc_evaluation_copy_is_used_and_agrees_with_the_model() -> None:
+    experiment = build_experiment(make_config(*TINY))
+    agent = Agent(experiment.specs[0], experiment.public, replace(PLAIN_CPU, eval_channels_last=True))
+    forward, memory_format = agent._evaluation_forward()
+    assert memory_format == torch.channels_last and forward is not agent.forward
+    x = torch.as_tensor(experiment.public.test_x[:64])
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(x.contiguous(memory_format=torch.channels_last))[0], agent.forward(x)[0])
+    assert all(parameter.is_contiguous() for parameter in agent.model.parameters())
+    counts, plain = (a.evaluate(full=True) for a in (agent, Agent(experiment.specs[0], experiment.public, PLAIN_CPU)))
+    np.testing.assert_array_equal(counts.correct, plain.correct)

@@ -6,15 +6,16 @@ Skipped where torch sees no CUDA device (CI, laptops); run on a GPU machine with
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from agents.agent import Agent, ExecutionConfig
+from agents.agent import Agent
 from sim.experiment.assembly import build_experiment
 from sim.run.main import run
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,7 +28,7 @@ def test_an_agent_trains_and_predicts_on_the_gpu() -> None:
     agent = Agent(
         experiment.specs[0],
         experiment.public,
-        ExecutionConfig(device="cuda", torch_threads=1, channels_last=True, compile=False, vectorize=False, bf16=False),
+        replace(PLAIN_CPU, device="cuda", channels_last=True),
     )
     losses = agent.train_round(0, [])
     assert losses["loss/ce"] > 0

@@ -55,7 +55,7 @@ def test_keep_actors_needs_a_ray_that_outlives_the_run() -> None:
 
 
 def _execution(torch_threads: int) -> ExecutionConfig:
-    flags = {"channels_last": False, "compile": False, "vectorize": False, "bf16": False}
+    flags = {"channels_last": False, "compile": False, "vectorize": False, "bf16": False, "eval_channels_last": False}
     return ExecutionConfig(device="cpu", torch_threads=torch_threads, **flags)
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from agents.agent import Agent, ExecutionConfig
+from agents.agent import Agent
 from agents.codecs import MESSAGE_CODECS, PROBABILITY_FLOOR, CodecConfig
 from agents.losses import choose_teacher
 from agents.messages import EvalCounts, Prediction, check_metrics
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import build_experiment
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 
 HEADS, BATCH, CLASSES, K = 4, 128, 10, 3
 
@@ -219,7 +219,7 @@ def one_thread() -> Iterator[None]:
 def test_an_agent_learns_from_its_teacher_through_every_codec(codec: str) -> None:
     """A student on digits distils a trained teacher's decoded messages: the KLs fall, accuracy rises."""
     experiment = build_experiment(make_config(*TINY, f"method.message_codec={codec}", "train.local_steps=10"))
-    execution = ExecutionConfig("cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False)
+    execution = PLAIN_CPU
     student, teacher = (Agent(experiment.specs[i], experiment.public, execution) for i in (0, 1))
     for round_idx in range(5):
         teacher.train_round(round_idx, [])

@@ -21,7 +21,13 @@ from sim.run.main import run
 from tests.conftest import TINY, make_config
 
 EXECUTION = ExecutionConfig(
-    device="cpu", torch_threads=1, channels_last=False, compile=False, vectorize=False, bf16=False
+    device="cpu",
+    torch_threads=1,
+    channels_last=False,
+    compile=False,
+    vectorize=False,
+    bf16=False,
+    eval_channels_last=False,
 )
 ROUNDS = 3
 

@@ -34,6 +34,7 @@ class RuntimeConfig:
     compile: bool  # torch.compile each agent's model (speed only; first rounds pay the compile)
     vectorize: bool  # vmap a process's homogeneous agents together (an option to prove on GPU)
     bf16: bool  # bfloat16 autocast of forward passes (speed; numerics change, see docs/performance.md)
+    eval_channels_last: bool  # evaluate through an NHWC copy of each model (speed; test logits change by rounding)
     cluster: ClusterConfig  # placement strategy, per-backbone and custom resources, what ships to nodes
     faults: tuple[Fault, ...]  # fault injection, a test tool: workers killed at chosen points (sim/backends/faults.py)
     storage: StorageDir | None  # where agent state and checkpoints live; None: the run directory (backends/storage.py)
@@ -69,6 +70,7 @@ def execution_config(runtime: RuntimeConfig, threads: int) -> ExecutionConfig:
         compile=runtime.compile,
         vectorize=runtime.vectorize,
         bf16=runtime.bf16,
+        eval_channels_last=runtime.eval_channels_last,
     )
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig
-from scipy.special import log_ndtr
 
 from agents.agent import AgentSpec
 from agents.output_privacy import NOISE, OutputPrivacyConfig
@@ -106,6 +105,8 @@ def gaussian_delta(epsilon: float, mu: float) -> float:
     Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), the second term in log space: over a run,
     epsilon reaches thousands, where e^eps alone overflows.
     """
+    from scipy.special import log_ndtr  # here, not at the top: scipy.special costs every run ~0.15 s at start
+
     first = float(log_ndtr(-epsilon / mu + mu / 2))
     second = epsilon + float(log_ndtr(-epsilon / mu - mu / 2))
     return math.exp(first) - math.exp(second) if second < first else 0.0

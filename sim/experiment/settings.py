@@ -140,6 +140,7 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
         compile=boolean("runtime.compile", runtime.compile),
         vectorize=boolean("runtime.vectorize", runtime.vectorize),
         bf16=boolean("runtime.bf16", runtime.bf16),
+        eval_channels_last=boolean("runtime.eval_channels_last", runtime.eval_channels_last),
         cluster=cluster_config(runtime),
         faults=parse_faults(runtime.faults),
         storage=storage_root(runtime.storage),

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from agents.vectorized import check_vectorizable
 from sim.backends import BACKENDS, create_backend
 from sim.backends.base import RecoveryFailedError
 from sim.backends.storage import StorageDir
@@ -57,7 +56,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     completed = False
     try:
         plans = group_plans(experiment, groups)
-        if experiment.runtime.vectorize:  # before any worker starts
+        if experiment.runtime.vectorize:  # before any worker starts (imported here: torch.func, only when used)
+            from agents.vectorized import check_vectorizable
+
             for plan in plans:
                 check_vectorizable(plan.specs)
         if resume_from is None:
