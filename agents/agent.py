@@ -8,15 +8,16 @@ dict of metric numbers — never a parameter, gradient or private sample.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from agents.codecs import MESSAGE_CODECS, CodecConfig
 from agents.inbox import Inbox, message_from_state, message_state
@@ -156,6 +157,25 @@ def count_correct(
     return [EvalCounts(counts, seen.copy()) for counts in correct.cpu().numpy()]
 
 
+def build_optimizer(config: dict[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer `config` describes, on `params`: what Hydra's `instantiate` builds, faster.
+
+    `instantiate` makes an OmegaConf node of the config on every call, ~4.5 ms: two thirds of
+    building a small agent, and 0.45 s of every 100 agents an actor sets up. A flat config
+    (`_target_` and keyword arguments) needs only the class, resolved once per process; one with
+    nested configs or Hydra's own `_..._` keys still goes through `instantiate`.
+    """
+    keys = [key for key in config if key != "_target_"]
+    if any(key.startswith("_") or isinstance(config[key], Mapping) for key in keys):
+        return instantiate(config, params=params)  # type: ignore[no-any-return]
+    return optimizer_class(str(config["_target_"]))(params, **{key: config[key] for key in keys})
+
+
+@functools.cache
+def optimizer_class(target: str) -> type[torch.optim.Optimizer]:
+    return get_class(target)  # type: ignore[no-any-return]
+
+
 class TrainingDivergedError(RuntimeError):
     """A loss or an outgoing logit became non-finite: the run would only produce noise."""
 
@@ -179,7 +199,7 @@ class Agent:
         self.forward = torch.compile(self.model, dynamic=False) if execution.compile else self.model
         self.bf16 = execution.bf16
         self.eval_channels_last = execution.eval_channels_last and not execution.compile
-        self.optimizer: torch.optim.Optimizer = instantiate(spec.train.optimizer, params=self.model.parameters())
+        self.optimizer = build_optimizer(spec.train.optimizer, self.model.parameters())
         self.private_x = torch.tensor(spec.private_x, device=device)  # own copy: specs may be read-only
         self.private_y = torch.tensor(spec.private_y, device=device)
         self.public_x = shared_tensor(public.public_x, device)  # shared by the group's agents (and actors of a node)

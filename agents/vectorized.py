@@ -30,7 +30,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -41,6 +40,7 @@ from agents.agent import (
     PublicData,
     Teachers,
     TrainConfig,
+    build_optimizer,
     count_correct,
 )
 from agents.group import AgentGroup, Bundle, staleness
@@ -310,7 +310,7 @@ def check_vectorizable(specs: Sequence[AgentSpec]) -> None:
         raise ConfigError(
             "runtime.vectorize", True, f"a backbone without a support set ({spec.model.backbone} reads one)"
         )
-    StackedSGD.of(instantiate(spec.train.optimizer, params=model.parameters()), spec.train)
+    StackedSGD.of(build_optimizer(spec.train.optimizer, model.parameters()), spec.train)
 
 
 def check_homogeneous(specs: Sequence[AgentSpec]) -> None:

@@ -48,6 +48,7 @@ def main() -> None:
         if sized:
             print(f"mhd-sim: {len(configs)} sweep jobs, {sized[0].rpartition('=')[2]} at a time", file=sys.stderr)
             sys.argv += sized
+        start_local_ray_early(args, configs)
         simulate()
         if SweepFailures.failed:
             listed = "; ".join(SweepFailures.failed)
@@ -55,6 +56,20 @@ def main() -> None:
             sys.exit(EXIT_FAILED)
     finally:
         gc.freeze()
+
+
+def start_local_ray_early(args: list[str], configs: list[DictConfig]) -> None:
+    """A single run on a local Ray (no flags, no address): start that Ray now, while Hydra composes
+    the job and the experiment is built (sim.backends.ray.backend.EarlyRay). The run waits for it
+    where it would have started it."""
+    if len(configs) != 1 or any(arg.startswith("-") for arg in args):
+        return
+    runtime = configs[0].runtime
+    if runtime.backend != "ray" or runtime.address is not None:
+        return
+    from sim.backends.ray.backend import EarlyRay  # imports ray here, in this thread
+
+    EarlyRay.start(runtime.num_cpus)
 
 
 @contextmanager

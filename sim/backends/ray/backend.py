@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -351,7 +352,7 @@ class RayBackend(Backend):
             remove_placement_group(self.reservation)
             self.reservation = None
         if self.owns_ray and ray.is_initialized():
-            ray.shutdown()
+            shutdown_ray()
 
     def describe(self) -> dict[str, object]:
         return {
@@ -379,7 +380,7 @@ def create_ray_backend(experiment: Workload) -> tuple[RayBackend, list[list[int]
         placement = plan_placement(backbones, runtime, cluster_nodes())
     except BaseException:
         if started_here:
-            ray.shutdown()
+            shutdown_ray()
         raise
     return RayBackend(runtime, placement, started_here, experiment.private), placement.groups
 
@@ -410,17 +411,82 @@ def loopback_only() -> Iterator[None]:
             os.environ[LOOPBACK_SWITCH] = saved_env
 
 
+class EarlyRay:
+    """The local Ray of this process, started in a thread while the driver still checks and builds its run.
+
+    Starting a local Ray takes seconds, mostly waiting for its GCS and raylet processes to come up
+    on another core; `mhd-sim` starts it right after the command line is checked, so that this
+    overlaps composing the config and building the experiment (docs/performance.md, Start-up).
+    The thread stays alive until Ray is shut down: Ray's processes are started with
+    PR_SET_PDEATHSIG, which Linux delivers when the *thread* that started them exits.
+    """
+
+    pending: EarlyRay | None = None  # the start `connect_ray` will take over
+    running: EarlyRay | None = None  # the keeper thread of the Ray in use
+
+    def __init__(self, num_cpus: int | None) -> None:
+        self.num_cpus = num_cpus
+        self.ready = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._keep, name="mhd-sim-ray", daemon=True)
+
+    @classmethod
+    def start(cls, num_cpus: int | None) -> None:
+        cls.pending = early = cls(num_cpus)
+        early.thread.start()
+
+    def _keep(self) -> None:
+        try:
+            start_local_ray(self.num_cpus)
+        except BaseException as error:  # connect_ray re-raises it in the driver's thread
+            self.error = error
+        finally:
+            self.ready.set()
+        self.release.wait()
+
+    @classmethod
+    def take(cls, num_cpus: int | None) -> bool:
+        """Wait for the early start of a local Ray with `num_cpus`; False if there is none to take."""
+        early, cls.pending = cls.pending, None
+        if early is None:
+            return False
+        early.ready.wait()
+        if early.error is not None:
+            raise early.error
+        if num_cpus != early.num_cpus:  # not the Ray this run asked for
+            shutdown_ray()
+            return False
+        cls.running = early
+        return True
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    with loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def shutdown_ray() -> None:
+    """ray.shutdown, then let the thread that started Ray (if one did) end."""
+    ray.shutdown()
+    running, EarlyRay.running = EarlyRay.running, None
+    if running is not None:
+        running.release.set()
+
+
 def connect_ray(runtime: RuntimeConfig) -> bool:
     """Attach to `runtime.address`, or start a new local Ray on loopback; True if connected here.
 
     "local" makes Ray start a new instance even where `ray start` left an address behind;
     sim.backends.ray.placement.check_cluster_address has rejected a missing address inside a cluster.
+    A local Ray that `EarlyRay` is starting already is waited for instead.
     """
+    if runtime.address is None and EarlyRay.take(runtime.num_cpus):
+        return True
     if ray.is_initialized():
         return False
     if runtime.address is None:
-        with loopback_only():
-            ray.init(address="local", num_cpus=runtime.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        start_local_ray(runtime.num_cpus)
     else:
         runtime_env = shipped_code() if runtime.cluster.ship_code else None
         try:
@@ -443,7 +509,7 @@ def nodes_of(runtime: RuntimeConfig) -> list[Node]:
         return cluster_nodes()
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def cluster_nodes() -> list[Node]:
