@@ -98,7 +98,7 @@ def test_a_local_ray_started_early_in_a_thread_serves_the_run_and_outlives_that_
     from sim.experiment.settings import runtime_config
 
     runtime = runtime_config(make_config("runtime.num_cpus=1").runtime)
-    EarlyRay.start(runtime.num_cpus)
+    EarlyRay.start(runtime)
     try:
         assert connect_ray(runtime) is True  # taken over, not started a second time
         keeper = EarlyRay.running

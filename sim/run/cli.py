@@ -48,7 +48,7 @@ def main() -> None:
         if sized:
             print(f"mhd-sim: {len(configs)} sweep jobs, {sized[0].rpartition('=')[2]} at a time", file=sys.stderr)
             sys.argv += sized
-        start_local_ray_early(args, configs)
+        start_ray_early(args, configs)
         simulate()
         if SweepFailures.failed:
             listed = "; ".join(SweepFailures.failed)
@@ -58,18 +58,16 @@ def main() -> None:
         gc.freeze()
 
 
-def start_local_ray_early(args: list[str], configs: list[DictConfig]) -> None:
-    """A single run on a local Ray (no flags, no address): start that Ray now, while Hydra composes
-    the job and the experiment is built (sim.backends.ray.backend.EarlyRay). The run waits for it
-    where it would have started it."""
-    if len(configs) != 1 or any(arg.startswith("-") for arg in args):
-        return
-    runtime = configs[0].runtime
-    if runtime.backend != "ray" or runtime.address is not None:
+def start_ray_early(args: list[str], configs: list[DictConfig]) -> None:
+    """A single run on Ray (no flags): start the local Ray, or attach to `runtime.address`, now, while
+    Hydra composes the job and the experiment is built (sim.backends.ray.backend.EarlyRay). The run
+    waits for it where it would have started it."""
+    if len(configs) != 1 or any(arg.startswith("-") for arg in args) or configs[0].runtime.backend != "ray":
         return
     from sim.backends.ray.backend import EarlyRay  # imports ray here, in this thread
+    from sim.experiment.settings import runtime_config
 
-    EarlyRay.start(runtime.num_cpus)
+    EarlyRay.start(runtime_config(configs[0].runtime))
 
 
 @contextmanager

@@ -412,33 +412,34 @@ def loopback_only() -> Iterator[None]:
 
 
 class EarlyRay:
-    """The local Ray of this process, started in a thread while the driver still checks and builds its run.
+    """This process's Ray, started (or attached to) in a thread while the driver still checks and builds its run.
 
     Starting a local Ray takes seconds, mostly waiting for its GCS and raylet processes to come up
-    on another core; `mhd-sim` starts it right after the command line is checked, so that this
-    overlaps composing the config and building the experiment (docs/performance.md, Start-up).
-    The thread stays alive until Ray is shut down: Ray's processes are started with
-    PR_SET_PDEATHSIG, which Linux delivers when the *thread* that started them exits.
+    on another core, and attaching to a running one ~0.4 s; `mhd-sim` begins either right after
+    the command line is checked, so that it overlaps composing the config and building the
+    experiment (docs/performance.md, Start-up). The thread stays alive until Ray is shut down:
+    a local Ray's processes are started with PR_SET_PDEATHSIG, which Linux delivers when the
+    *thread* that started them exits.
     """
 
     pending: EarlyRay | None = None  # the start `connect_ray` will take over
     running: EarlyRay | None = None  # the keeper thread of the Ray in use
 
-    def __init__(self, num_cpus: int | None) -> None:
-        self.num_cpus = num_cpus
+    def __init__(self, runtime: RuntimeConfig) -> None:
+        self.runtime = runtime
         self.ready = threading.Event()
         self.release = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._keep, name="mhd-sim-ray", daemon=True)
 
     @classmethod
-    def start(cls, num_cpus: int | None) -> None:
-        cls.pending = early = cls(num_cpus)
+    def start(cls, runtime: RuntimeConfig) -> None:
+        cls.pending = early = cls(runtime)
         early.thread.start()
 
     def _keep(self) -> None:
         try:
-            start_local_ray(self.num_cpus)
+            init_ray(self.runtime)
         except BaseException as error:  # connect_ray re-raises it in the driver's thread
             self.error = error
         finally:
@@ -446,24 +447,23 @@ class EarlyRay:
         self.release.wait()
 
     @classmethod
-    def take(cls, num_cpus: int | None) -> bool:
-        """Wait for the early start of a local Ray with `num_cpus`; False if there is none to take."""
+    def take(cls, runtime: RuntimeConfig) -> bool:
+        """Wait for the early start of the Ray `runtime` asks for; False if there is none to take."""
         early, cls.pending = cls.pending, None
         if early is None:
             return False
         early.ready.wait()
         if early.error is not None:
             raise early.error
-        if num_cpus != early.num_cpus:  # not the Ray this run asked for
+        cls.running = early
+        if _ray_wanted(runtime) != _ray_wanted(early.runtime):  # not the Ray this run asked for
             shutdown_ray()
             return False
-        cls.running = early
         return True
 
 
-def start_local_ray(num_cpus: int | None) -> None:
-    with loopback_only():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+def _ray_wanted(runtime: RuntimeConfig) -> tuple[str | None, int | None, bool]:
+    return runtime.address, runtime.num_cpus, runtime.cluster.ship_code
 
 
 def shutdown_ray() -> None:
@@ -477,29 +477,37 @@ def shutdown_ray() -> None:
 def connect_ray(runtime: RuntimeConfig) -> bool:
     """Attach to `runtime.address`, or start a new local Ray on loopback; True if connected here.
 
-    "local" makes Ray start a new instance even where `ray start` left an address behind;
-    sim.backends.ray.placement.check_cluster_address has rejected a missing address inside a cluster.
-    A local Ray that `EarlyRay` is starting already is waited for instead.
+    A Ray that `EarlyRay` is starting already is waited for instead.
     """
-    if runtime.address is None and EarlyRay.take(runtime.num_cpus):
+    if EarlyRay.take(runtime):
         return True
     if ray.is_initialized():
         return False
-    if runtime.address is None:
-        start_local_ray(runtime.num_cpus)
-    else:
-        runtime_env = shipped_code() if runtime.cluster.ship_code else None
-        try:
-            ray.init(address=runtime.address, runtime_env=runtime_env, logging_level=logging.WARNING)
-        except ConnectionError as error:  # no cluster there, or one that refuses this driver's token
-            reason = " ".join(str(error).split())
-            raise ConfigError(
-                "runtime.address",
-                runtime.address,
-                f"a Ray cluster this driver can join ({reason}; with token authentication, RAY_AUTH_MODE=token "
-                "and the cluster's token must be set here too)",
-            ) from None
+    init_ray(runtime)
     return True
+
+
+def init_ray(runtime: RuntimeConfig) -> None:
+    """`ray.init` for `runtime`: a new local Ray on loopback, or attached to `runtime.address`.
+
+    "local" makes Ray start a new instance even where `ray start` left an address behind;
+    sim.backends.ray.placement.check_cluster_address has rejected a missing address inside a cluster.
+    """
+    if runtime.address is None:
+        with loopback_only():
+            ray.init(address="local", num_cpus=runtime.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        return
+    runtime_env = shipped_code() if runtime.cluster.ship_code else None
+    try:
+        ray.init(address=runtime.address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    except ConnectionError as error:  # no cluster there, or one that refuses this driver's token
+        reason = " ".join(str(error).split())
+        raise ConfigError(
+            "runtime.address",
+            runtime.address,
+            f"a Ray cluster this driver can join ({reason}; with token authentication, RAY_AUTH_MODE=token "
+            "and the cluster's token must be set here too)",
+        ) from None
 
 
 def nodes_of(runtime: RuntimeConfig) -> list[Node]:
