@@ -38,6 +38,7 @@ def _runtime(**overrides: object) -> RuntimeConfig:
         cluster=cluster,
         faults=(),
         storage=None,
+        eval_channels_last=True,
         keep_actors=False,
         kept_idle_s=600.0,
     )

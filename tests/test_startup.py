@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,28 +84,37 @@ def test_bench_startup_measures_floor_cold_and_warm_and_writes_its_report(tmp_pa
     assert attached["kept_actors"] is None
 
 
+EARLY_RAY = """
+import time
+import ray
+from sim.backends.ray.backend import EarlyRay, connect_ray, shutdown_ray
+from sim.experiment.settings import runtime_config
+from tests.conftest import make_config
+
+runtime = runtime_config(make_config("runtime.num_cpus=1").runtime)
+EarlyRay.start(runtime)
+assert connect_ray(runtime) is True  # taken over, not started a second time
+keeper = EarlyRay.running
+time.sleep(2)  # long after the start returned
+assert ray.get(ray.remote(lambda: 42).remote(), timeout=60) == 42
+assert ray.cluster_resources()["CPU"] == 1
+assert keeper is not None and keeper.thread.is_alive()
+shutdown_ray()
+keeper.thread.join(timeout=10)
+assert not keeper.thread.is_alive() and EarlyRay.pending is None and EarlyRay.running is None
+print("ok")
+"""
+
+
 @pytest.mark.slow
 def test_a_local_ray_started_early_in_a_thread_serves_the_run_and_outlives_that_moment() -> None:
     """EarlyRay: connect_ray takes the Ray a thread started; its processes live until shutdown_ray.
 
     Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): a keeper thread
-    that returned after starting would leave a dead Ray behind, and the task below would fail.
+    that returned after starting would leave a dead Ray behind, and the task would fail (the
+    raylet's death ends the process). In a fresh process: this one may hold the tests' own Ray.
     """
-    import ray
-
-    from sim.backends.ray.backend import EarlyRay, connect_ray, shutdown_ray
-    from sim.experiment.settings import runtime_config
-
-    runtime = runtime_config(make_config("runtime.num_cpus=1").runtime)
-    EarlyRay.start(runtime)
-    try:
-        assert connect_ray(runtime) is True  # taken over, not started a second time
-        keeper = EarlyRay.running
-        time.sleep(2)  # long after the start returned
-        assert ray.get(ray.remote(lambda: 42).remote(), timeout=60) == 42
-        assert ray.cluster_resources()["CPU"] == 1
-        assert keeper is not None and keeper.thread.is_alive()
-    finally:
-        shutdown_ray()
-    keeper.thread.join(timeout=10)
-    assert not keeper.thread.is_alive() and EarlyRay.pending is None and EarlyRay.running is None
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_RAY], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
