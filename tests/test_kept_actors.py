@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from sim.backends.ray import kept
 from sim.backends.ray.placement import ActorRequest
 from sim.core.errors import ConfigError
 from sim.experiment.settings import runtime_config
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 from tests.test_cluster import (
     HEAD_IP,
     NODE_PORT_FLAGS,
@@ -55,8 +56,7 @@ def test_keep_actors_needs_a_ray_that_outlives_the_run() -> None:
 
 
 def _execution(torch_threads: int) -> ExecutionConfig:
-    flags = {"channels_last": False, "compile": False, "vectorize": False, "bf16": False, "eval_channels_last": False}
-    return ExecutionConfig(device="cpu", torch_threads=torch_threads, **flags)
+    return replace(PLAIN_CPU, torch_threads=torch_threads)
 
 
 def test_a_worker_kind_changes_with_what_its_process_fixed_at_start() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.agent import AgentSpec, ExecutionConfig
+from agents.agent import AgentSpec
 from agents.group import AgentGroup, agent_state_file
 from agents.messages import EvalCounts, Prediction
 from agents.vectorized import VectorizedAgentGroup
@@ -18,17 +18,9 @@ from sim.backends.storage import StorageDir
 from sim.core.errors import ConfigError
 from sim.experiment.assembly import Experiment, build_experiment
 from sim.run.main import run
-from tests.conftest import TINY, make_config
+from tests.conftest import PLAIN_CPU, TINY, make_config
 
-EXECUTION = ExecutionConfig(
-    device="cpu",
-    torch_threads=1,
-    channels_last=False,
-    compile=False,
-    vectorize=False,
-    bf16=False,
-    eval_channels_last=False,
-)
+EXECUTION = PLAIN_CPU
 ROUNDS = 3
 
 PARITY_CASES = {

@@ -84,7 +84,8 @@ class KeptActors:
         killed, so that no detached worker is left waiting for resources, and GetTimeoutError
         is raised.
         """
-        actors: list[Any] = [self._free_one(kind) for kind in kinds]
+        listed = kept_names()  # once: every kind looks through the same list
+        actors: list[Any] = [self._free_one(kind, listed) for kind in kinds]
         self.reused += sum(actor is not None for actor in actors)
         missing = [index for index, actor in enumerate(actors) if actor is None]
         while missing:
@@ -104,12 +105,12 @@ class KeptActors:
             missing = [index for index in missing if actors[index] is None]
         return actors
 
-    def _free_one(self, kind: str) -> Any | None:
-        for name in kept_names():
+    def _free_one(self, kind: str, listed: list[str]) -> Any | None:
+        for name in listed:
             if name.partition(".")[0] != kind or name in self.held:
                 continue
             actor = _named(name)
-            if actor is not None and self._acquire(actor):
+            if actor is not None and acquire(actor, self.owner):
                 self.held.add(name)
                 return actor
         return None
@@ -124,11 +125,13 @@ class KeptActors:
             with contextlib.suppress(ray.exceptions.RayActorError):
                 ray.get(call)
 
-    def _acquire(self, actor: Any) -> bool:
-        try:
-            return bool(ray.get(actor.acquire.remote(self.owner)))
-        except ray.exceptions.RayActorError:  # retired or dying meanwhile
-            return False
+
+def acquire(actor: Any, owner: Owner) -> bool:
+    """Whether `owner` now holds the kept worker `actor` (False if another live driver does, or it is exiting)."""
+    try:
+        return bool(ray.get(actor.acquire.remote(owner)))
+    except ray.exceptions.RayActorError:  # retired or dying meanwhile
+        return False
 
 
 def _named(name: str) -> Any | None:
@@ -146,21 +149,16 @@ def kept_names() -> list[str]:
     )
 
 
-def evict_idle(keep_kinds: set[str], owner: Owner) -> int:
-    """Kill the idle kept workers whose kind is not in `keep_kinds`, so their resources are free; returns how many.
+def evict_idle(keep_kinds: set[str], owner: Owner) -> None:
+    """Kill the idle kept workers whose kind is not in `keep_kinds`, so their resources are free.
 
     A worker held by a live driver is left alone; taking it over (`owner`) first makes sure no
     other driver starts using it while it is being killed.
     """
-    evicted = 0
     for name in kept_names():
         if name.partition(".")[0] in keep_kinds:
             continue
         actor = _named(name)
-        try:
-            if actor is not None and ray.get(actor.acquire.remote(owner)):
+        if actor is not None and acquire(actor, owner):
+            with contextlib.suppress(ray.exceptions.RayActorError):  # exiting meanwhile
                 ray.kill(actor, no_restart=True)
-                evicted += 1
-        except ray.exceptions.RayActorError:  # exiting meanwhile
-            continue
-    return evicted
