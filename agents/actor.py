@@ -44,6 +44,10 @@ an object whose owner has died, which is how a kept actor learns that its driver
 OWNER_CHECK_TIMEOUT_S = 5.0
 """A live owner answers in milliseconds; one that does not answer in time is taken to be alive."""
 
+UNCLAIMED_GRACE_S = 30.0
+"""A new kept actor is visible by name before the driver that created it acquires it (right after
+its constructor): for this long, another driver may not take it over to evict it."""
+
 
 def owner_alive(owner: Owner) -> bool:
     """Whether the driver of `owner` is still running (its object can still be read)."""
@@ -67,17 +71,22 @@ class Lease:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: Owner | None = None
-        self.idle_since = time.monotonic()
+        self.idle_since = self.born = time.monotonic()
+        self.claimed = False  # held by some driver since this process started
         self.retired = False
 
-    def acquire(self, owner: Owner) -> bool:
+    def acquire(self, owner: Owner, evicting: bool = False) -> bool:
+        """`evicting`: taken over only to be killed, which a worker its creator has not yet claimed refuses."""
         with self.lock:
             if self.retired:
+                return False
+            if evicting and not self.claimed and time.monotonic() - self.born < UNCLAIMED_GRACE_S:
                 return False
             held_by_other = self.owner is not None and self.owner[0] != owner[0]
             if held_by_other and owner_alive(self.owner):  # type: ignore[arg-type]
                 return False
             self.owner = owner
+            self.claimed = True
             return True
 
     def release(self) -> None:
@@ -112,14 +121,14 @@ class AgentGroupActor:
             time.sleep(min(idle_s, 5.0) / 2)
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
-    def acquire(self, owner: Owner) -> bool:
+    def acquire(self, owner: Owner, evicting: bool = False) -> bool:
         """A kept actor: True if it is now `owner`'s (it was free, already theirs, or its driver had died).
 
         A new owner finds no agents: those of a driver that died without releasing them never
-        serve the next run (its `setup` builds that run's own).
+        serve the next run (its `setup` builds that run's own). `evicting`: see Lease.acquire.
         """
         previous = self.lease.owner
-        if not self.lease.acquire(owner):
+        if not self.lease.acquire(owner, evicting):
             return False
         if previous is None or previous[0] != owner[0]:
             self._group = None

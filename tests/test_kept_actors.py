@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from agents.actor import Lease, Owner
 from agents.agent import ExecutionConfig
 from sim.backends.ray import kept
 from sim.backends.ray.placement import ActorRequest
@@ -68,6 +69,16 @@ def test_a_worker_kind_changes_with_what_its_process_fixed_at_start() -> None:
     assert base != kept.kind_key(request, _execution(torch_threads=2), "driver", "digest")
     assert base != kept.kind_key(request, execution, "node", "digest")
     assert base != kept.kind_key(request, execution, "driver", "edited")
+
+
+def test_a_new_kept_worker_is_not_evicted_before_its_creator_claims_it() -> None:
+    """Another driver's eviction must not kill a worker in the moment between its creation and its creator's claim."""
+    lease = Lease()
+    evictor: Owner = ("evictor", [])
+    assert not lease.acquire(evictor, evicting=True)  # new and unclaimed
+    assert lease.acquire(("creator", []))
+    lease.release()
+    assert lease.acquire(evictor, evicting=True)  # claimed once, now idle: evictable
 
 
 def test_the_code_digest_changes_when_a_shipped_file_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +170,8 @@ def test_a_kept_worker_is_never_shared_and_outlives_a_killed_driver(head: dict[s
     driver = subprocess.Popen(_command(long_run, KEEP, half_cpu, pairs, "rounds=10000", "eval_every=10000"), env=head)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (long_run / "rounds.jsonl").is_file():  # training: it holds its two workers
+        rounds = long_run / "rounds.jsonl"
+        while not (rounds.is_file() and rounds.read_text().strip()):  # a round trained: it holds its two workers
             assert driver.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         # Two whole CPUs while the busy run holds one: a named error in time, and no worker left waiting.

@@ -126,10 +126,10 @@ class KeptActors:
                 ray.get(call)
 
 
-def acquire(actor: Any, owner: Owner) -> bool:
+def acquire(actor: Any, owner: Owner, evicting: bool = False) -> bool:
     """Whether `owner` now holds the kept worker `actor` (False if another live driver does, or it is exiting)."""
     try:
-        return bool(ray.get(actor.acquire.remote(owner)))
+        return bool(ray.get(actor.acquire.remote(owner, evicting)))
     except ray.exceptions.RayActorError:  # retired or dying meanwhile
         return False
 
@@ -152,13 +152,14 @@ def kept_names() -> list[str]:
 def evict_idle(keep_kinds: set[str], owner: Owner) -> None:
     """Kill the idle kept workers whose kind is not in `keep_kinds`, so their resources are free.
 
-    A worker held by a live driver is left alone; taking it over (`owner`) first makes sure no
-    other driver starts using it while it is being killed.
+    A worker held by a live driver is left alone, and so is a new one that its creator has not
+    claimed yet; taking it over (`owner`) first makes sure no other driver starts using it while
+    it is being killed.
     """
     for name in kept_names():
         if name.partition(".")[0] in keep_kinds:
             continue
         actor = _named(name)
-        if actor is not None and acquire(actor, owner):
+        if actor is not None and acquire(actor, owner, evicting=True):
             with contextlib.suppress(ray.exceptions.RayActorError):  # exiting meanwhile
                 ray.kill(actor, no_restart=True)
