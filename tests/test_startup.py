@@ -40,6 +40,42 @@ def test_checking_and_building_a_run_imports_no_dynamo_matplotlib_wandb_or_scipy
     assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
+# A whole (serial) run; prints whether matplotlib was being loaded (or was loaded) when the rounds began, and
+# whether it was loaded at the end.
+RUN_IMPORTS = """
+import json, sys, tempfile, threading
+from pathlib import Path
+import sim.run.main
+from tests.conftest import TINY, make_config
+real_run_rounds = sim.run.main.run_rounds
+seen = {}
+def run_rounds(*args, **kwargs):
+    loading = any(thread.name.startswith("mhd-sim-import-") for thread in threading.enumerate())
+    seen["during_rounds"] = loading or "matplotlib" in sys.modules
+    return real_run_rounds(*args, **kwargs)
+sim.run.main.run_rounds = run_rounds
+cfg = make_config(*TINY, "rounds=1", "eval_every=1", "runtime.backend=serial", "logger.report=" + sys.argv[1])
+sim.run.main.run(cfg, Path(tempfile.mkdtemp()) / "run")
+seen["at_end"] = "matplotlib" in sys.modules
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_the_report_module_loads_during_the_rounds_and_only_for_a_run_that_writes_a_report(report: bool) -> None:
+    """A short run would otherwise wait ~0.8 s at its end for matplotlib; a run without a report never loads it."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_IMPORTS, str(report).lower()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"during_rounds": report, "at_end": report}
+
+
 def test_a_report_that_fails_is_one_line_and_the_run_stays_completed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

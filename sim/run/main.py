@@ -10,6 +10,7 @@ does not change its results).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 from pathlib import Path
@@ -33,6 +34,7 @@ from sim.run.storage import new_run_storage, recorded_storage, storage_probe
 from topologies import write_edge_list
 
 WANDB_MODES = ("online", "offline", "disabled")
+REPORT_MODULE = "sim.reporting.report"  # imports matplotlib: only a run that writes its report loads it
 RESUMABLE_GROUPS = ("runtime", "logger")  # may differ between a run and its resumption
 
 
@@ -66,6 +68,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         sinks += LOGGERS.get(str(cfg.logger.name))(plain_dict(cfg.logger), run_dir)
         for sink in sinks:
             sink.start(plain_dict(cfg), experiment.settings.rounds)
+        if cfg.logger.report:
+            import_in_background(REPORT_MODULE)
         summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
         completed = True
     except RunInterrupted:
@@ -90,6 +94,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def import_in_background(module: str) -> None:
+    """Imports `module` in a daemon thread while the driver mostly waits on its workers.
+
+    The report's module imports matplotlib (~0.8 s). Loaded during the rounds, it is ready when
+    the report is drawn, which a short run (and a warm one, whose Ray shutdown is only a
+    disconnect) would otherwise wait for at its end. A failed import is left to `write_report`,
+    which names it in one line.
+    """
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - write_report imports it again and reports the error
+            return
+
+    threading.Thread(target=load, name=f"mhd-sim-import-{module}", daemon=True).start()
+
+
 def start_report(run_dir: Path) -> threading.Thread:
     """`write_report` in a thread, so that drawing overlaps the backend's shutdown (Ray stopping its processes)."""
     thread = threading.Thread(target=write_report, args=(run_dir,), name="mhd-sim-report", daemon=True)
@@ -104,9 +126,7 @@ def write_report(run_dir: Path) -> None:
     run without a report never loads it.
     """
     try:
-        from sim.reporting.report import write_run_report
-
-        page = write_run_report(run_dir)
+        page = importlib.import_module(REPORT_MODULE).write_run_report(run_dir)
     except Exception as error:
         reason = describe_error(error)
         print(f"mhd-sim: report not written ({reason}); write it with: mhd-sim-report {run_dir}", file=sys.stderr)
