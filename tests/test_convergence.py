@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -46,4 +47,4 @@ def test_the_summary_and_the_console_carry_the_signal(tmp_path: Path, capsys: py
     assert signal["window_rounds"] == [4, 5]
     assert signal["gain"]["shared_acc"] == pytest.approx(main[-1]["shared_acc"] - main[-2]["shared_acc"])
     assert f"convergence: {signal['note']}" in capsys.readouterr().out
-    assert signal["note"] in (tmp_path / "run" / "report.html").read_text()
+    assert html.escape(signal["note"]) in (tmp_path / "run" / "report.html").read_text()  # "<=" is "&lt;=" there
