@@ -199,11 +199,14 @@ def test_bad_values_are_one_line_config_errors() -> None:
 
 @pytest.mark.slow
 def test_fedavg_and_gossip_learn_on_label_skewed_digits(tmp_path: Path) -> None:
-    """8 agents, 90% of each shard from 2 classes, 4 rounds: isolated ~0.2, fedavg ~0.55, gossip ~0.4."""
+    """8 agents, 90% of each shard from 2 classes, 8 rounds: isolated ~0.48, fedavg ~0.88, gossip ~0.62.
+
+    (At 4 rounds the fan_in init lets isolated agents reach 0.36, too close to fedavg's 0.46 to tell.)
+    """
     shared = {}
     quiet = ["logger.progress=false", "logger.report=false", "runtime.torch_threads=1", "runtime.backend=serial"]
     for method in ("isolated", "fedavg", "gossip"):
-        cfg = make_config(f"method={method}", "rounds=4", "eval_every=4", "checkpoint_every=0", *quiet)
+        cfg = make_config(f"method={method}", "rounds=8", "eval_every=8", "checkpoint_every=0", *quiet)
         shared[method] = run(cfg, tmp_path / method)["final"]["heads"]["main"]["shared_acc"]
     assert shared["fedavg"] > shared["isolated"] + 0.15, shared
     assert shared["gossip"] > shared["isolated"] + 0.1, shared
