@@ -92,11 +92,11 @@ def _assert_rounds_agree(expected: list[Round], actual: list[Round], rel: float,
             assert got_message.batch_id == want_message.batch_id
             got_logits, want_logits = got_message.payload["logits"], want_message.payload["logits"]
             assert got_logits.dtype == want_logits.dtype
-            np.testing.assert_allclose(got_logits, want_logits, rtol=rel, atol=atol)
+            np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=atol)
             if want_message.embeddings is None:
                 assert got_message.embeddings is None
             else:
-                np.testing.assert_allclose(got_message.embeddings, want_message.embeddings, rtol=rel, atol=atol)
+                np.testing.assert_allclose(got_message.embeddings, want_message.embeddings, rtol=0, atol=atol)
 
 
 def _assert_counts_equal(expected: dict[int, EvalCounts], actual: dict[int, EvalCounts]) -> None:
