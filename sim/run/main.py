@@ -122,8 +122,8 @@ def start_report(run_dir: Path) -> threading.Thread:
 def write_report(run_dir: Path) -> None:
     """report.html and plots/ of a completed run; a failure is one line on stderr, never a failed run.
 
-    The summary is final before this starts. matplotlib (~1 s to import) is imported here, so a
-    run without a report never loads it.
+    The summary is final before this starts. matplotlib (~1 s to import) is imported only for a
+    run that writes its report: here, or already during the rounds by `import_in_background`.
     """
     try:
         page = importlib.import_module(REPORT_MODULE).write_run_report(run_dir)
