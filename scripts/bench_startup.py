@@ -7,7 +7,7 @@ feels from the shell), reported as median, min and max, and as ratios of the med
 floor's:
 
     floor  a Python process that imports torch and ray, starts a local Ray on loopback exactly as
-           `mhd-sim` does (sim.backends.ray.backend.connect_ray) and stops it: what any Ray program
+           `mhd-sim` does (sim.backends.ray.connection.connect_ray) and stops it: what any Ray program
            on this machine pays before it does anything
     cold   `mhd-sim rounds=1 [OVERRIDE ...]`: starts and stops its own Ray
     attached  `mhd-sim rounds=1 runtime.address=auto [OVERRIDE ...]` attached to a Ray that this
@@ -63,7 +63,7 @@ RUN_TIMEOUT_S = 300
 HEAD_START_TIMEOUT_S = 120
 HEAD_STOP_TIMEOUT_S = 30
 
-# The floor: what sim.backends.ray.backend.connect_ray does for a local Ray (loopback_only sets
+# The floor: what sim.backends.ray.connection.connect_ray does for a local Ray (loopback_only sets
 # LOOPBACK_SWITCH before ray.init; here it is set before ray is imported, which Ray reads the same way).
 FLOOR_CODE = """
 import logging, os

@@ -45,7 +45,7 @@ def ray_session() -> Iterator[None]:
     """A local Ray on loopback shared by every test that needs one (start-up costs ~6 s)."""
     import ray
 
-    from sim.backends.ray.backend import loopback_only
+    from sim.backends.ray.connection import loopback_only
 
     with loopback_only():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

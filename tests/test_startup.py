@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 import sim.reporting.report
+from sim.backends.ray.address import RayTarget
 from sim.run.main import run
+from sim.run.preflight import compose_jobs
 from tests.conftest import TINY, load_script, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,85 @@ def test_checking_and_building_a_run_imports_no_dynamo_matplotlib_wandb_or_scipy
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+# The CLI's first half (flags, composition, the Ray it will start) runs before torch is loaded, so that
+# a local Ray's processes come up while torch is imported (sim/run/cli.py). Prints the heavy modules
+# loaded after composing, and those loaded when the CLI began to start Ray (EarlyRay.start, replaced).
+CLI_ORDER = """
+import json, sys
+import sim.run.cli
+from sim.run.preflight import compose_jobs
+from sim.backends.ray.address import RayTarget
+jobs = compose_jobs(["rounds=1"])
+RayTarget.requested(jobs.configs[0].runtime)
+seen = {"composed": sorted(name for name in ("torch", "ray", "agents.agent") if name in sys.modules)}
+from sim.backends.ray.connection import EarlyRay
+class Started(Exception):
+    pass
+def start(target):
+    seen["ray_start"] = sorted(name for name in ("torch", "agents.agent") if name in sys.modules)
+    seen["target"] = [target.address, target.num_cpus, target.ship_code]
+    raise Started
+EarlyRay.start = start
+sys.argv = ["mhd-sim", "rounds=1", "hydra.run.dir=" + sys.argv[1]]
+try:
+    sim.run.cli.main()
+except Started:
+    pass
+print(json.dumps(seen))
+"""
+
+
+def test_the_cli_starts_its_ray_before_it_imports_torch(tmp_path: Path) -> None:
+    """A torch import (~1.2 s) at the top of the CLI's modules would be paid before Ray starts, not while it does."""
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_ORDER, str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen == {"composed": [], "ray_start": [], "target": [None, None, True]}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], RayTarget(None, None, True)),
+        (["runtime.num_cpus=2", "runtime.ship_code=false"], RayTarget(None, 2, False)),
+        (["runtime.address=auto"], RayTarget("auto", None, True)),
+        (["runtime.backend=serial"], None),  # no Ray at all
+        (["runtime.num_cpus=0"], None),  # the checks name it; nothing starts early
+        (["runtime.num_cpus=two"], None),
+        (["runtime.address=auto", "runtime.num_cpus=2"], None),  # check_cluster_address rejects it
+        (["runtime.address=nohost"], None),
+    ],
+)
+def test_the_ray_a_composed_config_asks_for_is_read_leniently(overrides: list[str], expected: RayTarget | None) -> None:
+    (cfg,) = compose_jobs(overrides).configs
+    assert RayTarget.requested(cfg.runtime) == expected
+
+
+@pytest.mark.slow
+def test_a_bad_value_found_while_ray_starts_is_still_one_line_and_exit_2(tmp_path: Path) -> None:
+    """num_agents=0 passes composition, so the local Ray is already starting when the check rejects it:
+    Ray's start-up warnings stay off stderr and the command waits for its Ray and stops it."""
+    mhd_sim = str(Path(sys.executable).with_name("mhd-sim"))
+    done = subprocess.run(
+        [mhd_sim, "num_agents=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["mhd-sim: error: num_agents=0 is invalid: an integer >= 1"]
+    assert not (tmp_path / "run").exists()
 
 
 # A whole (serial) run; prints whether matplotlib was being loaded (or was loaded) when the rounds began, and
@@ -123,13 +204,14 @@ def test_bench_startup_measures_floor_cold_and_warm_and_writes_its_report(tmp_pa
 EARLY_RAY = """
 import time
 import ray
-from sim.backends.ray.backend import EarlyRay, connect_ray, shutdown_ray
+from sim.backends.ray.address import RayTarget
+from sim.backends.ray.connection import EarlyRay, connect_ray, shutdown_ray
 from sim.experiment.settings import runtime_config
 from tests.conftest import make_config
 
-runtime = runtime_config(make_config("runtime.num_cpus=1").runtime)
-EarlyRay.start(runtime)
-assert connect_ray(runtime) is True  # taken over, not started a second time
+target = RayTarget.of(runtime_config(make_config("runtime.num_cpus=1").runtime))
+EarlyRay.start(target)
+assert connect_ray(target) is True  # taken over, not started a second time
 keeper = EarlyRay.running
 time.sleep(2)  # long after the start returned
 assert ray.get(ray.remote(lambda: 42).remote(), timeout=60) == 42

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from agents.agent import TrainConfig
 from agents.backbones.registry import BACKBONES, check_param_names
 from sim.backends.faults import parse_faults
+from sim.backends.ray.address import RayTarget, check_cluster_address
 from sim.backends.ray.cluster import cluster_config
-from sim.backends.ray.placement import check_cluster_address
 from sim.backends.runtime import MIN_AGENT_BYTES, RuntimeConfig, check_gpus_exist, check_population_fits
 from sim.backends.storage import storage_root
 from sim.core.errors import ConfigError
@@ -159,7 +159,8 @@ def runtime_config(runtime: DictConfig) -> RuntimeConfig:
             "runtime.faults", runtime.faults, "[] unless runtime.backend=ray (a fault kills an agent worker process)"
         )
     check_gpus_exist(config, torch.cuda.is_available())
-    check_cluster_address(config)
+    if config.backend == "ray":
+        check_cluster_address(RayTarget.of(config))
     return config
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.backends import Backend
+from sim.backends.base import Backend
 from sim.backends.storage import StorageDir
 
 PREFIX = "round_"

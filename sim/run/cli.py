@@ -1,4 +1,10 @@
-"""`mhd-sim`: checks the command line, then hands it to Hydra. Configs ship inside the package (conf/)."""
+"""`mhd-sim`: checks the command line, then hands it to Hydra. Configs ship inside the package (conf/).
+
+Start-up order (docs/performance.md, Start-up): the command line is composed (Hydra only); a
+single run on Ray starts its Ray in a thread; only then are torch and the agents imported, for
+the value checks and the run, while Ray's processes come up on another core. So nothing at the
+top of this module imports torch (tests/test_startup.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from agents.agent import TrainingDivergedError
-from sim.backends.base import RecoveryFailedError
 from sim.core.errors import ConfigError
 from sim.run.interrupt import RunInterrupted, resume_command
-from sim.run.main import describe_error, run
-from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, debug_requested, preflight
-from sim.run.sweeps import SweepFailures, parallel_jobs_override
+from sim.run.preflight import CONFIG_MODULE, CONFIG_NAME, HYDRA_VERSION_BASE, check_jobs, compose_jobs, debug_requested
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1  # the run diverged, or lost agents it could not restore
@@ -42,13 +44,24 @@ def main() -> None:
     gc.freeze()
     try:
         args = sys.argv[1:]
-        with bad_input_exits(debug_requested(args)):
-            configs = preflight(args)
-            sized = parallel_jobs_override(configs)  # how many jobs of a parallel sweep fit at once
+        debug = debug_requested(args)
+        with bad_input_exits(debug):
+            jobs = compose_jobs(args)
+        early = start_ray_early(args, jobs.configs)
+        try:
+            from sim.run.sweeps import SweepFailures, parallel_jobs_override  # imports torch: after Ray began
+
+            with bad_input_exits(debug):
+                check_jobs(jobs)
+                sized = parallel_jobs_override(jobs.configs)  # how many jobs of a parallel sweep fit at once
+        except BaseException:  # a bad value: the run will not happen, so neither will its Ray
+            if early:
+                stop_early_ray()
+            raise
+        gc.freeze()  # again: torch and the agents are imported by now
         if sized:
-            print(f"mhd-sim: {len(configs)} sweep jobs, {sized[0].rpartition('=')[2]} at a time", file=sys.stderr)
+            print(f"mhd-sim: {len(jobs.configs)} sweep jobs, {sized[0].rpartition('=')[2]} at a time", file=sys.stderr)
             sys.argv += sized
-        start_ray_early(args, configs)
         simulate()
         if SweepFailures.failed:
             listed = "; ".join(SweepFailures.failed)
@@ -58,16 +71,35 @@ def main() -> None:
         gc.freeze()
 
 
-def start_ray_early(args: list[str], configs: list[DictConfig]) -> None:
-    """A single run on Ray (no flags): start the local Ray, or attach to `runtime.address`, now, while
-    Hydra composes the job and the experiment is built (sim.backends.ray.backend.EarlyRay). The run
-    waits for it where it would have started it."""
-    if len(configs) != 1 or any(arg.startswith("-") for arg in args) or configs[0].runtime.backend != "ray":
-        return
-    from sim.backends.ray.backend import EarlyRay  # imports ray here, in this thread
-    from sim.experiment.settings import runtime_config
+def start_ray_early(args: list[str], configs: list[DictConfig]) -> bool:
+    """A single run on Ray (no flags): start the local Ray, or attach to `runtime.address`, now, in a
+    thread, while torch is imported, the values are checked and the experiment is built
+    (sim.backends.ray.connection.EarlyRay). The run waits for it where it would have started it.
+    True if a start began; a runtime group that is not plainly valid starts nothing (the checks
+    name what is wrong)."""
+    if len(configs) != 1 or any(arg.startswith("-") for arg in args):
+        return False
+    from sim.backends.ray.address import RayTarget
 
-    EarlyRay.start(runtime_config(configs[0].runtime))
+    target = RayTarget.requested(configs[0].runtime)
+    if target is None:
+        return False
+    from sim.backends.ray.connection import EarlyRay  # imports ray here, in this thread, before torch
+
+    EarlyRay.start(target)
+    return True
+
+
+def stop_early_ray() -> None:
+    """Stops the Ray `start_ray_early` began, because a check failed after it began.
+
+    Its error line is already on stderr; Ray is waited for and shut down (a second or two), so
+    that none of its processes outlives the command (an exit without it leaves Ray's agent
+    processes running for a minute).
+    """
+    from sim.backends.ray.connection import EarlyRay
+
+    EarlyRay.abandon()
 
 
 @contextmanager
@@ -85,6 +117,10 @@ def bad_input_exits(debug: bool) -> Iterator[None]:
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
 def simulate(cfg: DictConfig) -> None:
     """Run one simulation (or one job of a --multirun sweep) into Hydra's output directory."""
+    from agents.agent import TrainingDivergedError  # torch: imported once Ray is starting (module docstring)
+    from sim.backends.base import RecoveryFailedError
+    from sim.run.main import describe_error, run
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     debug = bool(cfg.get("debug", False))
     with bad_input_exits(debug):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 
 from agents.weight_sharing import INITIAL_ROUND
-from sim.backends import Backend
+from sim.backends.base import Backend
 from sim.core.errors import ConfigError
 from sim.core.registry import Registry
 from sim.experiment.mixing import MIXING_RULES, shard_weighted_mean

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.messages import EvalCounts
-from sim.backends import Backend, GroupPlan
-from sim.backends.base import RecoveryFailedError, WorkerLostError
+from sim.backends.base import Backend, GroupPlan, RecoveryFailedError, WorkerLostError
 from sim.backends.faults import FaultSchedule
 from sim.backends.storage import StorageDir
 from sim.core.atomic import write_then_rename

@@ -23,7 +23,7 @@ import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from hydra import compose, initialize_config_module
 from hydra._internal.utils import get_args_parser
@@ -37,8 +37,6 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from sim.core.config import plain_dict
 from sim.core.errors import ConfigError
-from sim.experiment.settings import check_config
-from sim.run.main import check_names
 
 CONFIG_MODULE = "conf"  # the packaged config tree, as sim/run/cli.py hands it to hydra.main
 CONFIG_NAME = "config"
@@ -57,6 +55,13 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 COMMANDS = ("--run", "--multirun", "--cfg", "--info", "--shell-completion")  # Hydra takes one at most
 
 
+class Jobs(NamedTuple):
+    """The composed config of every job a command line runs, and whether their values are to be judged."""
+
+    configs: list[DictConfig]
+    judged: bool  # False for --cfg and --info, which only print a config
+
+
 def preflight(args: Sequence[str]) -> list[DictConfig]:
     """Checks the command line `args` (sys.argv[1:]) and returns the composed config of every job.
 
@@ -67,19 +72,40 @@ def preflight(args: Sequence[str]) -> list[DictConfig]:
     Raises:
         ConfigError: for the first bad flag, override or value, naming it.
     """
+    jobs = compose_jobs(args)
+    check_jobs(jobs)
+    return jobs.configs
+
+
+def compose_jobs(args: Sequence[str]) -> Jobs:
+    """The first half of `preflight`: flags, override syntax, composition, shape, output folder.
+
+    Imports neither torch nor the agents, so `mhd-sim` can start Ray right after it and load
+    torch for `check_jobs` while Ray's processes come up.
+    """
     command = _parse_command(args)
     if _nothing_to_check(command):
-        return []
+        return Jobs([], judged=False)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
         composer = _Composer(GlobalHydra.instance().config_loader())
         overrides = composer.parse(command.overrides)
         configs = [composer.job(job) for job in _jobs(overrides, command.multirun)]
-    if command.cfg is None and command.info is None:
+    judged = command.cfg is None and command.info is None
+    if judged:
         _check_output_folder(configs[0], "hydra.sweep.dir" if command.multirun else "hydra.run.dir")
-        for cfg in configs:
-            check_names(cfg)
-            check_config(cfg)
-    return configs
+    return Jobs(configs, judged)
+
+
+def check_jobs(jobs: Jobs) -> None:
+    """The second half of `preflight`: every value of every job, with the checks that need no data."""
+    if not jobs.judged:
+        return
+    from sim.experiment.settings import check_config  # imports torch and the agents
+    from sim.run.main import check_names
+
+    for cfg in jobs.configs:
+        check_names(cfg)
+        check_config(cfg)
 
 
 def debug_requested(args: Sequence[str]) -> bool:

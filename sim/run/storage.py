@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sim.backends import Backend
+from sim.backends.base import Backend
 from sim.backends.ray.placement import RuntimeConfig
 from sim.backends.storage import KEY, StorageDir, storage_root
 from sim.core.errors import ConfigError

@@ -21,17 +21,12 @@ with its job), and released instead of killed at the end.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
-import os
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ray
-from ray._private import ray_constants  # the loopback switch as the driver read it (see loopback_only)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -49,12 +44,12 @@ from sim.backends.base import (
     Workload,
     round_sources,
 )
-from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards, shipped_code
+from sim.backends.ray.cluster import SHARD_SOURCES, NodeDataError, PrivateData, read_shards
+from sim.backends.ray.connection import RayTarget, connect_ray, shutdown_ray
 from sim.backends.ray.kept import KEPT_NAMESPACE, KeptActors, code_digest, evict_idle, kind_key
 from sim.backends.ray.placement import Node, Placement, plan_placement
 from sim.backends.runtime import RuntimeConfig, execution_config
 from sim.backends.storage import StorageDir
-from sim.core.errors import ConfigError
 
 
 class ActorStartupError(RuntimeError):
@@ -374,7 +369,7 @@ class RayBackend(Backend):
 def create_ray_backend(experiment: Workload) -> tuple[RayBackend, list[list[int]]]:
     """Connect, then plan the experiment's agents onto the nodes; no actor exists until `start`."""
     runtime = experiment.runtime
-    started_here = connect_ray(runtime)
+    started_here = connect_ray(RayTarget.of(runtime))
     try:
         backbones = [spec.model.backbone for spec in experiment.specs]
         placement = plan_placement(backbones, runtime, cluster_nodes())
@@ -385,134 +380,9 @@ def create_ray_backend(experiment: Workload) -> tuple[RayBackend, list[list[int]
     return RayBackend(runtime, placement, started_here, experiment.private), placement.groups
 
 
-LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's nodes bind to 127.0.0.1 only
-
-
-@contextlib.contextmanager
-def loopback_only() -> Iterator[None]:
-    """Starts a single-node Ray on 127.0.0.1 instead of the machine's own address.
-
-    Ray reads the switch twice: its processes (raylet, workers) from the environment they
-    inherit, and this driver from `ray_constants.ENABLE_RAY_CLUSTER`, computed once when ray was
-    first imported, which setting the variable now no longer changes. Both are set for the
-    start-up and restored after it, so a later attach to a real cluster from this process still
-    gets the machine's address.
-    """
-    saved_env, saved_flag = os.environ.get(LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_SWITCH] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            del os.environ[LOOPBACK_SWITCH]
-        else:
-            os.environ[LOOPBACK_SWITCH] = saved_env
-
-
-class EarlyRay:
-    """This process's Ray, started (or attached to) in a thread while the driver still checks and builds its run.
-
-    Starting a local Ray takes seconds, mostly waiting for its GCS and raylet processes to come up
-    on another core, and attaching to a running one ~0.4 s; `mhd-sim` begins either right after
-    the command line is checked, so that it overlaps composing the config and building the
-    experiment (docs/performance.md, Start-up). The thread stays alive until Ray is shut down:
-    a local Ray's processes are started with PR_SET_PDEATHSIG, which Linux delivers when the
-    *thread* that started them exits.
-    """
-
-    pending: EarlyRay | None = None  # the start `connect_ray` will take over
-    running: EarlyRay | None = None  # the keeper thread of the Ray in use
-
-    def __init__(self, runtime: RuntimeConfig) -> None:
-        self.runtime = runtime
-        self.ready = threading.Event()
-        self.release = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._keep, name="mhd-sim-ray", daemon=True)
-
-    @classmethod
-    def start(cls, runtime: RuntimeConfig) -> None:
-        cls.pending = early = cls(runtime)
-        early.thread.start()
-
-    def _keep(self) -> None:
-        try:
-            init_ray(self.runtime)
-        except BaseException as error:  # connect_ray re-raises it in the driver's thread
-            self.error = error
-        finally:
-            self.ready.set()
-        self.release.wait()
-
-    @classmethod
-    def take(cls, runtime: RuntimeConfig) -> bool:
-        """Wait for the early start of the Ray `runtime` asks for; False if there is none to take."""
-        early, cls.pending = cls.pending, None
-        if early is None:
-            return False
-        early.ready.wait()
-        if early.error is not None:
-            raise early.error
-        cls.running = early
-        if _ray_wanted(runtime) != _ray_wanted(early.runtime):  # not the Ray this run asked for
-            shutdown_ray()
-            return False
-        return True
-
-
-def _ray_wanted(runtime: RuntimeConfig) -> tuple[str | None, int | None, bool]:
-    return runtime.address, runtime.num_cpus, runtime.cluster.ship_code
-
-
-def shutdown_ray() -> None:
-    """ray.shutdown, then let the thread that started Ray (if one did) end."""
-    ray.shutdown()
-    running, EarlyRay.running = EarlyRay.running, None
-    if running is not None:
-        running.release.set()
-
-
-def connect_ray(runtime: RuntimeConfig) -> bool:
-    """Attach to `runtime.address`, or start a new local Ray on loopback; True if connected here.
-
-    A Ray that `EarlyRay` is starting already is waited for instead.
-    """
-    if EarlyRay.take(runtime):
-        return True
-    if ray.is_initialized():
-        return False
-    init_ray(runtime)
-    return True
-
-
-def init_ray(runtime: RuntimeConfig) -> None:
-    """`ray.init` for `runtime`: a new local Ray on loopback, or attached to `runtime.address`.
-
-    "local" makes Ray start a new instance even where `ray start` left an address behind;
-    sim.backends.ray.placement.check_cluster_address has rejected a missing address inside a cluster.
-    """
-    if runtime.address is None:
-        with loopback_only():
-            ray.init(address="local", num_cpus=runtime.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-        return
-    runtime_env = shipped_code() if runtime.cluster.ship_code else None
-    try:
-        ray.init(address=runtime.address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    except ConnectionError as error:  # no cluster there, or one that refuses this driver's token
-        reason = " ".join(str(error).split())
-        raise ConfigError(
-            "runtime.address",
-            runtime.address,
-            f"a Ray cluster this driver can join ({reason}; with token authentication, RAY_AUTH_MODE=token "
-            "and the cluster's token must be set here too)",
-        ) from None
-
-
 def nodes_of(runtime: RuntimeConfig) -> list[Node]:
     """The alive nodes of the cluster `runtime` attaches to, asked once (a parallel sweep sizes itself by them)."""
-    started = connect_ray(runtime)
+    started = connect_ray(RayTarget.of(runtime))
     try:
         return cluster_nodes()
     finally:

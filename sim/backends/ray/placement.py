@@ -20,8 +20,6 @@ node can hold is a ConfigError here, before any actor exists.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,53 +30,6 @@ from sim.core.errors import ConfigError
 
 NODES_SHOWN = 4
 """Nodes listed in a placement error; a large cluster is summarised after these."""
-
-ADDRESS_TIMEOUT_S = 3.0
-"""A reachable Ray head accepts a TCP connection in milliseconds; 3 s also covers a slow WAN link."""
-
-RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"
-"""Set by Ray for the entrypoint of a Ray job, and by users who attach every script to one cluster."""
-
-
-def check_cluster_address(runtime: RuntimeConfig) -> None:
-    """Rejects a Ray address that cannot work, before ray.init retries it or starts a second Ray.
-
-    - No address inside a Ray cluster (RAY_ADDRESS set, as in a Ray job): a local Ray would
-      be a second Ray instance on a cluster node, competing with it for the same CPUs and GPUs.
-    - An address with runtime.num_cpus: a running cluster's size is set by its nodes.
-    - A HOST:PORT that does not accept a TCP connection. `auto` (find the cluster this machine
-      belongs to) is left to Ray.
-    """
-    if runtime.backend == "serial":
-        return
-    if runtime.address is None:
-        inside = os.environ.get(RAY_ADDRESS_VARIABLE)
-        if inside:
-            raise ConfigError(
-                "runtime.address",
-                None,
-                f"auto here ({RAY_ADDRESS_VARIABLE}={inside} says this runs inside a Ray cluster; null would start "
-                "a second Ray on this node): use runtime=cluster or runtime.address=auto",
-            )
-        return
-    if runtime.num_cpus is not None:
-        raise ConfigError("runtime.num_cpus", runtime.num_cpus, "null when runtime.address is set (nodes set the size)")
-    if runtime.address == "auto":
-        return
-    host, port = _host_port(runtime.address)
-    try:
-        socket.create_connection((host, port), timeout=ADDRESS_TIMEOUT_S).close()
-    except OSError as error:
-        raise ConfigError(
-            "runtime.address", runtime.address, f"a reachable Ray cluster ({host}:{port}: {error.strerror or error})"
-        ) from None
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError("runtime.address", address, "null, auto, HOST:PORT or ray://HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)
