@@ -13,7 +13,7 @@ import pytest
 
 from sim.core.errors import ConfigError
 from sim.reporting.loggers import JsonlSink
-from sim.reporting.report import RUN_FIGURES, main
+from sim.reporting.report import RUN_FIGURES, main, render_early, write_run_report
 from sim.run.main import check_names, run
 from tests.conftest import TINY, make_config
 
@@ -50,6 +50,14 @@ def test_a_finished_run_writes_its_report(finished_run: Path) -> None:
     assert "teacher_rule: most_confident" in page  # the config
     rounds = [json.loads(line)["round"] for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
+
+
+def test_a_figure_drawn_while_the_rounds_run_is_the_one_the_report_would_draw(finished_run: Path) -> None:
+    """render_early reads partition.csv; the report draws the same figure from the completed run."""
+    early = render_early(finished_run)
+    assert set(early) == {"partition.png"}
+    write_run_report(finished_run)
+    assert (finished_run / "plots" / "partition.png").read_bytes() == early["partition.png"]
 
 
 def test_the_command_reports_an_old_run_without_rounds_jsonl(finished_run: Path, tmp_path: Path) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
+import sim.reporting.plots
 import sim.reporting.report
 from sim.backends.ray.address import RayTarget
 from sim.run.main import run
@@ -131,7 +135,7 @@ from tests.conftest import TINY, make_config
 real_run_rounds = sim.run.main.run_rounds
 seen = {}
 def run_rounds(*args, **kwargs):
-    loading = any(thread.name.startswith("mhd-sim-import-") for thread in threading.enumerate())
+    loading = any(thread.name == "mhd-sim-report-preparation" for thread in threading.enumerate())
     seen["during_rounds"] = loading or "matplotlib" in sys.modules
     return real_run_rounds(*args, **kwargs)
 sim.run.main.run_rounds = run_rounds
@@ -157,10 +161,28 @@ def test_the_report_module_loads_during_the_rounds_and_only_for_a_run_that_write
     assert json.loads(done.stdout.splitlines()[-1]) == {"during_rounds": report, "at_end": report}
 
 
+def test_the_partition_figure_is_drawn_once_while_the_rounds_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sim.run.main.ReportPreparation draws it in its thread; the report writes those bytes instead of redrawing."""
+    drawn_by: list[str] = []
+    real = sim.reporting.plots.partition_heatmap
+
+    def partition_heatmap(class_counts: np.ndarray) -> Figure:
+        drawn_by.append(threading.current_thread().name)
+        return real(class_counts)
+
+    monkeypatch.setattr(sim.reporting.plots, "partition_heatmap", partition_heatmap)
+    run_dir = tmp_path / "run"
+    run(make_config(*TINY, "rounds=1", "eval_every=1", "runtime.backend=serial"), run_dir)
+    assert drawn_by == ["mhd-sim-report-preparation"]
+    assert (run_dir / "plots" / "partition.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_report_that_fails_is_one_line_and_the_run_stays_completed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def broken(run_dir: Path) -> Path:
+    def broken(run_dir: Path, rendered: object = None) -> Path:
         raise RuntimeError("no fonts here")
 
     monkeypatch.setattr(sim.reporting.report, "write_run_report", broken)

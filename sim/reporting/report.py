@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from sim.reporting.aggregate import (
     write_comparison,
 )
 from sim.reporting.loggers import privacy_line
-from sim.reporting.rundir import Run, is_run_dir, load_run
+from sim.reporting.rundir import Run, is_run_dir, load_run, read_partition
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -53,6 +53,8 @@ class RunFigure:
     caption: str
     draw: Callable[[Run], Figure]
     applies: Callable[[Run], bool] = lambda run: True  # drawn only for the runs it applies to
+    # The same figure from files a run writes before its first round, for `render_early`; None: needs the results.
+    early: Callable[[Path], Figure] | None = None
 
 
 def _figures(run: Run) -> list[RunFigure]:
@@ -83,6 +85,7 @@ RUN_FIGURES = (
         "partition.png",
         "Private samples per agent and class (partition.csv).",
         lambda run: plots.partition_heatmap(run.class_counts),
+        early=lambda directory: plots.partition_heatmap(read_partition(directory / "partition.csv")),
     ),
     RunFigure(
         "communication.png",
@@ -99,14 +102,32 @@ RUN_FIGURES = (
 )
 
 
-def write_run_report(run_dir: Path) -> Path:
-    """RUN_DIR/report.html and RUN_DIR/plots/*.png for a completed run; returns the page's path."""
+def render_early(run_dir: Path) -> dict[str, bytes]:
+    """PNGs of the figures that need only what a run writes before its first round (the partition).
+
+    A run draws them in a thread while its rounds run (sim.run.main), and hands them to
+    `write_run_report`, which then has less to draw after the summary (docs/performance.md,
+    Start-up). They stay in memory: plots/ appears only with a completed run's report.
+    """
+    return {figure.file: plots.png(figure.early(run_dir)) for figure in RUN_FIGURES if figure.early is not None}
+
+
+def write_run_report(run_dir: Path, rendered: Mapping[str, bytes] | None = None) -> Path:
+    """RUN_DIR/report.html and RUN_DIR/plots/*.png for a completed run; returns the page's path.
+
+    `rendered` holds figures already drawn by `render_early`, by file name; the rest are drawn here.
+    """
     run = load_run(run_dir)
     if not run.completed:
         status = f"{run.summary.get('status')}: {run.summary.get('error', 'see summary.json')}"
         raise ConfigError("RUN_DIR", str(run_dir), f"a completed run (this one is {status})")
+    rendered = rendered or {}
     for figure in _figures(run):
-        plots.save(figure.draw(run), run_dir / "plots" / figure.file)
+        path = run_dir / "plots" / figure.file
+        if figure.file in rendered:
+            plots.write_png(rendered[figure.file], path)
+        else:
+            plots.save(figure.draw(run), path)
     page = run_dir / "report.html"
     page.write_text(run_page(run))
     return page

@@ -56,6 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     backend, groups = create_backend(experiment)
     sinks: list[Sink] = [JsonlSink(run_dir)]
     completed = False
+    prepared: ReportPreparation | None = None
     try:
         plans = group_plans(experiment, groups)
         if experiment.runtime.vectorize:  # before any worker starts (imported here: torch.func, only when used)
@@ -69,7 +70,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for sink in sinks:
             sink.start(plain_dict(cfg), experiment.settings.rounds)
         if cfg.logger.report:
-            import_in_background(REPORT_MODULE)
+            prepared = ReportPreparation.start(run_dir)
         summary = run_rounds(experiment, backend, plans, sinks, run_dir, policy, resume_from)
         completed = True
     except RunInterrupted:
@@ -85,7 +86,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for sink in sinks:
             sink.close()
         # After the summary and the table are out: the plots are drawn while the backend stops.
-        report = start_report(run_dir) if completed and cfg.logger.report else None
+        report = start_report(run_dir, prepared) if completed and prepared is not None else None
         try:
             backend.shutdown()
         finally:
@@ -94,39 +95,55 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def import_in_background(module: str) -> None:
-    """Imports `module` in a daemon thread while the driver mostly waits on its workers.
+class ReportPreparation:
+    """What a run that writes its report does for it while the rounds run, in a daemon thread.
 
-    The report's module imports matplotlib (~0.8 s). Loaded during the rounds, it is ready when
-    the report is drawn, which a short run (and a warm one, whose Ray shutdown is only a
-    disconnect) would otherwise wait for at its end. A failed import is left to `write_report`,
-    which names it in one line.
+    It imports the report's module (matplotlib, ~0.8 s) and draws the figures that need only the
+    files written before the first round (`render_early`: the partition). The driver mostly
+    waits on its workers meanwhile, so both are done by the time the report is drawn, which a
+    short run (and a warm one, whose Ray shutdown is only a disconnect) would otherwise wait for
+    at its end. A failure is left to `write_report`, which imports the module again and draws
+    every figure, naming an error in one line.
     """
 
-    def load() -> None:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.rendered: dict[str, bytes] = {}
+        self.thread = threading.Thread(target=self._prepare, name="mhd-sim-report-preparation", daemon=True)
+
+    @classmethod
+    def start(cls, run_dir: Path) -> ReportPreparation:
+        prepared = cls(run_dir)
+        prepared.thread.start()
+        return prepared
+
+    def _prepare(self) -> None:
         try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - write_report imports it again and reports the error
+            self.rendered = importlib.import_module(REPORT_MODULE).render_early(self.run_dir)
+        except Exception:  # noqa: BLE001 - write_report draws everything again and reports the error
             return
 
-    threading.Thread(target=load, name=f"mhd-sim-import-{module}", daemon=True).start()
+    def result(self) -> dict[str, bytes]:
+        """The figures drawn early, once the preparation has ended."""
+        self.thread.join()
+        return self.rendered
 
 
-def start_report(run_dir: Path) -> threading.Thread:
+def start_report(run_dir: Path, prepared: ReportPreparation) -> threading.Thread:
     """`write_report` in a thread, so that drawing overlaps the backend's shutdown (Ray stopping its processes)."""
-    thread = threading.Thread(target=write_report, args=(run_dir,), name="mhd-sim-report", daemon=True)
+    thread = threading.Thread(target=write_report, args=(run_dir, prepared), name="mhd-sim-report", daemon=True)
     thread.start()
     return thread
 
 
-def write_report(run_dir: Path) -> None:
+def write_report(run_dir: Path, prepared: ReportPreparation) -> None:
     """report.html and plots/ of a completed run; a failure is one line on stderr, never a failed run.
 
     The summary is final before this starts. matplotlib (~1 s to import) is imported only for a
-    run that writes its report: here, or already during the rounds by `import_in_background`.
+    run that writes its report: here, or already during the rounds by `ReportPreparation`.
     """
     try:
-        page = importlib.import_module(REPORT_MODULE).write_run_report(run_dir)
+        page = importlib.import_module(REPORT_MODULE).write_run_report(run_dir, prepared.result())
     except Exception as error:
         reason = describe_error(error)
         print(f"mhd-sim: report not written ({reason}); write it with: mhd-sim-report {run_dir}", file=sys.stderr)
