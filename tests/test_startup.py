@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,17 @@ from sim.run.preflight import compose_jobs
 from tests.conftest import TINY, load_script, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_process_json(code: str, *args: str, timeout: int) -> Any:
+    """Runs `code` in a fresh Python (this one has torch, matplotlib and more imported) and returns the JSON
+    its last line of output holds; a failed process fails the test with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
 
 # Checks the default config as preflight does, builds the experiment, and lists the heavy
 # modules the driver holds by then: none of them is needed before the agents run.
@@ -39,11 +51,7 @@ print(json.dumps(sorted(name for name in ("torch._dynamo", "matplotlib", "wandb"
 def test_checking_and_building_a_run_imports_no_dynamo_matplotlib_wandb_or_scipy() -> None:
     """The optimizer check builds the optimizer without importing torch._dynamo (~2 s); plots wait for the report;
     scipy (~0.15 s) only for an output-privacy accountant."""
-    done = subprocess.run(
-        [sys.executable, "-c", DRIVER_IMPORTS], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert fresh_process_json(DRIVER_IMPORTS, timeout=120) == []
 
 
 # The CLI's first half (flags, composition, the Ray it will start) runs before torch is loaded, so that
@@ -76,16 +84,7 @@ print(json.dumps(seen))
 
 def test_the_cli_starts_its_ray_before_it_imports_torch(tmp_path: Path) -> None:
     """A torch import (~1.2 s) at the top of the CLI's modules would be paid before Ray starts, not while it does."""
-    done = subprocess.run(
-        [sys.executable, "-c", CLI_ORDER, str(tmp_path / "run")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.splitlines()[-1])
+    seen = fresh_process_json(CLI_ORDER, str(tmp_path / "run"), timeout=120)
     assert seen == {"composed": [], "ray_start": [], "target": [None, None, True]}
 
 
@@ -149,16 +148,8 @@ print(json.dumps(seen))
 @pytest.mark.parametrize("report", [True, False])
 def test_the_report_module_loads_during_the_rounds_and_only_for_a_run_that_writes_a_report(report: bool) -> None:
     """A short run would otherwise wait ~0.8 s at its end for matplotlib; a run without a report never loads it."""
-    done = subprocess.run(
-        [sys.executable, "-c", RUN_IMPORTS, str(report).lower()],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == {"during_rounds": report, "at_end": report}
+    seen = fresh_process_json(RUN_IMPORTS, str(report).lower(), timeout=300)
+    assert seen == {"during_rounds": report, "at_end": report}
 
 
 def test_the_partition_figure_is_drawn_once_while_the_rounds_run(
